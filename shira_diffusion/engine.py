@@ -1,0 +1,232 @@
+"""Scatter engine: writes SHiRA adapters straight into live weights, in place, exactly reversibly.
+
+For every weight tensor touched by any loaded adapter the engine keeps `positions` (sorted union of the
+adapters' positions) and `backup` (the original values there). Every write recomputes
+
+    W[p] = W0[p] + sum_i alpha_i * S_i[p]      (accumulated in fp32 from the backup, cast once)
+
+over those positions only, so unloading restores W0 bit for bit in any dtype, whatever happened before
+(nothing is ever subtracted). Writes go through `index_copy_` on the existing parameter storage: no new
+Parameter objects, no module surgery, so hooks, offloading and compiled graphs stay valid.
+
+Usage:
+    engine = ScatterEngine({"unet": pipe.unet})
+    engine.add("style", adapter, alpha=0.8); engine.set_active({"style": 1.0}); engine.remove(["style"])
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .format import ShiraAdapter, ShiraFormatError
+
+
+class ShiraLoadError(ValueError):
+    """An adapter does not fit the model (unknown component/weight, shape, name in use...)."""
+
+
+@dataclass
+class _Entry:
+    """One adapter's share of one target: its deltas and where they sit in the target's union."""
+
+    positions: torch.Tensor  # int64, sorted
+    deltas: torch.Tensor  # fp32: the accumulation dtype, so a write does no per-adapter cast
+    slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+
+
+@dataclass
+class _Target:
+    """A live weight and the backup of its original values at the union of loaded positions."""
+
+    parameter: nn.Parameter
+    positions: torch.Tensor  # int64, sorted union over loaded adapters
+    backup: torch.Tensor  # original values at `positions`, in the weight's dtype
+    entries: dict[str, _Entry] = field(default_factory=dict)
+
+
+class ScatterEngine:
+    """Owns the adapters loaded into a set of modules and every write into their weights.
+
+    Mutating methods take `lock`, so two switches on one pipeline never interleave.
+    """
+
+    def __init__(self, components: Mapping[str, nn.Module]):
+        self.components = dict(components)
+        self.lock = threading.RLock()
+        self.alphas: dict[str, float] = {}  # loaded adapter -> its strength when active
+        self.active: list[str] = []
+        self.enabled = True
+        self.adapter_components: dict[str, list[str]] = {}
+        self.adapter_parameters: dict[str, int] = {}
+        self.targets: dict[str, _Target] = {}  # "<component>.<parameter>" -> target
+
+    # ---- validation (everything is checked before the first write) -----------------------------
+    def resolve_parameter(self, component: str, name: str) -> nn.Parameter:
+        """The live parameter `component.name`, or ShiraLoadError naming what is missing."""
+        module = self.components.get(component)
+        if module is None:
+            raise ShiraLoadError(
+                f"adapter targets component {component!r}, which this pipeline does not have "
+                f"(it has {sorted(self.components)})"
+            )
+        try:
+            parameter = module.get_parameter(name)
+        except AttributeError:
+            raise ShiraLoadError(f"{component}.{name}: no such weight in {type(module).__name__}") from None
+        return parameter
+
+    def check(self, adapter: ShiraAdapter, name: str | None = None) -> None:
+        """Raise a clear error unless `adapter` can be added (under `name`) without touching weights."""
+        if name is not None and name in self.alphas:
+            raise ShiraLoadError(f"adapter name {name!r} is already in use; unload it first or pick another name")
+        try:
+            adapter.validate()
+        except ShiraFormatError as error:
+            raise ShiraLoadError(str(error)) from None
+        for component, param_name, delta in adapter.items():
+            key = f"{component}.{param_name}"
+            parameter = self.resolve_parameter(component, param_name)
+            if not parameter.is_floating_point():
+                raise ShiraLoadError(f"{key}: weight dtype {parameter.dtype} is not floating point")
+            if tuple(parameter.shape) != delta.shape:
+                raise ShiraLoadError(
+                    f"{key}: adapter was made for shape {delta.shape}, the model's weight has shape "
+                    f"{tuple(parameter.shape)} (an adapter for another base model?)"
+                )
+            if parameter.device.type == "meta":
+                raise ShiraLoadError(f"{key}: weight is on the meta device (sequential CPU offload is not supported)")
+            if not parameter.is_contiguous():
+                raise ShiraLoadError(f"{key}: weight is not contiguous (e.g. channels_last); flat positions need row-major storage")
+
+    def check_names(self, names: Iterable[str]) -> list[str]:
+        names = list(names)
+        unknown = [n for n in names if n not in self.alphas]
+        if unknown:
+            raise ShiraLoadError(f"unknown adapter {unknown[0]!r}; loaded adapters: {sorted(self.alphas)}")
+        if len(set(names)) != len(names):
+            raise ShiraLoadError(f"adapter names repeat: {names}")
+        return names
+
+    # ---- mutations -------------------------------------------------------------------------------
+    def add(self, name: str, adapter: ShiraAdapter, alpha: float, activate: bool = True) -> None:
+        """Validate, back up the new positions, then write. Usage: engine.add("a", adapter, 1.0)"""
+        with self.lock:
+            self.check(adapter, name)
+            touched = []
+            for component, param_name, delta in adapter.items():
+                key = f"{component}.{param_name}"
+                parameter = self.resolve_parameter(component, param_name)
+                self._bring_to(key, parameter)
+                device = parameter.device
+                entry = _Entry(delta.positions.to(device=device, dtype=torch.int64), delta.deltas.to(device=device, dtype=torch.float32))
+                target = self.targets.get(key)
+                if target is None:
+                    target = _Target(parameter, entry.positions.new_empty(0), parameter.data.new_empty(0))
+                    self.targets[key] = target
+                self._grow(target, entry.positions)
+                target.entries[name] = entry
+                self._reslot(target)
+                touched.append(key)
+            self.alphas[name] = float(alpha)
+            self.adapter_components[name] = adapter.components
+            self.adapter_parameters[name] = adapter.num_parameters
+            if activate:
+                self.active.append(name)
+            self._write(touched)
+
+    def set_active(self, weights: Mapping[str, float]) -> None:
+        """Exactly these adapters active, at these strengths (multi-adapter fusion)."""
+        with self.lock:
+            names = self.check_names(weights)
+            before = set(self.active)
+            for name in names:
+                self.alphas[name] = float(weights[name])
+            self.active = names
+            self._write(self._keys_of(before | set(names)))
+
+    def remove(self, names: Iterable[str]) -> None:
+        """Unload adapters: their positions go back to the original values; backups shrink or go."""
+        with self.lock:
+            names = self.check_names(names)
+            gone = set(names)
+            keys = self._keys_of(gone)
+            for key in keys:
+                target = self.targets[key]
+                self._restore(target)
+                for name in gone:
+                    target.entries.pop(name, None)
+                if not target.entries:
+                    del self.targets[key]  # releases the backup memory
+                    continue
+                keep = torch.isin(target.positions, torch.cat([e.positions for e in target.entries.values()]))
+                target.positions, target.backup = target.positions[keep], target.backup[keep]
+                self._reslot(target)
+            for name in gone:
+                del self.alphas[name], self.adapter_components[name], self.adapter_parameters[name]
+            self.active = [n for n in self.active if n not in gone]
+            self._write([k for k in keys if k in self.targets])
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Disable: every touched weight shows its original values; enable: the active set again."""
+        with self.lock:
+            self.enabled = enabled
+            self._write(list(self.targets))
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _keys_of(self, names: set[str]) -> list[str]:
+        return [key for key, target in self.targets.items() if names & target.entries.keys()]
+
+    def _bring_to(self, key: str, parameter: nn.Parameter) -> None:
+        # The weight may have moved (pipe.to(...), CPU offload) or changed dtype since the last write:
+        # follow it. A dtype change re-bases the backup on the new dtype's rounding of the original.
+        target = self.targets.get(key)
+        weight = parameter.data
+        if target is None or (target.backup.device == weight.device and target.backup.dtype == weight.dtype):
+            return
+        target.positions = target.positions.to(weight.device)
+        target.backup = target.backup.to(device=weight.device, dtype=weight.dtype)
+        for entry in target.entries.values():
+            entry.positions, entry.deltas, entry.slots = (
+                entry.positions.to(weight.device), entry.deltas.to(weight.device), entry.slots.to(weight.device)
+            )
+
+    def _grow(self, target: _Target, positions: torch.Tensor) -> None:
+        # Positions new to the union have never been written, so the live weight still holds W0 there.
+        new = positions[~torch.isin(positions, target.positions)]
+        if new.numel() == 0:
+            return
+        union = torch.cat([target.positions, new]).sort().values
+        backup = target.parameter.data.view(-1)[union]
+        backup[torch.searchsorted(union, target.positions)] = target.backup
+        target.positions, target.backup = union, backup
+
+    @staticmethod
+    def _reslot(target: _Target) -> None:
+        for entry in target.entries.values():
+            entry.slots = torch.searchsorted(target.positions, entry.positions)
+
+    @staticmethod
+    def _restore(target: _Target) -> None:
+        with torch.no_grad():
+            target.parameter.data.view(-1).index_copy_(0, target.positions, target.backup)
+
+    def _write(self, keys: Iterable[str]) -> None:
+        active = [(name, self.alphas[name]) for name in self.active] if self.enabled else []
+        with torch.no_grad():
+            for key in keys:
+                target = self.targets[key]
+                self._bring_to(key, target.parameter)
+                entries = [(target.entries[name], alpha) for name, alpha in active if name in target.entries]
+                if not entries:
+                    self._restore(target)
+                    continue
+                values = target.backup.to(torch.float32, copy=True)  # never accumulate into the backup
+                for entry, alpha in entries:
+                    values.index_add_(0, entry.slots, entry.deltas, alpha=alpha)
+                weight = target.parameter.data
+                weight.view(-1).index_copy_(0, target.positions, values.to(weight.dtype))

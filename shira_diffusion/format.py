@@ -1,0 +1,539 @@
+"""SHiRA adapter format: sparse deltas (positions + values) per weight tensor, in one safetensors file.
+
+An adapter holds, for every weight tensor it changes, the sorted unique flat positions it changes and
+the delta there, S = W_tuned - W_base, so that W = W_base + alpha * S. Storing deltas (not absolute
+values) is what makes alpha and multi-adapter fusion well defined.
+
+On disk (format version 1), tensor `<component>.<parameter name>` (e.g. `unet.mid_block.attentions.0.
+transformer_blocks.0.attn1.to_q.weight`) is stored as:
+
+- `<key>.deltas`   the values, in the adapter's dtype (fp32, fp16 or bf16);
+- `<key>.gaps`     uint16 gaps between consecutive positions (the first gap counts from -1), so positions
+                   cost 2 bytes each instead of 8 (int64) or 4 (int32): 4 bytes per parameter in fp16/bf16;
+- `<key>.gaps_hi_index` / `<key>.gaps_hi`  (int32, usually empty) the few gaps that do not fit in 16 bits:
+                   the index of the gap and its bits above the low 16.
+
+The header carries JSON metadata under `shira_metadata`: format version, per-tensor shape, mask type,
+density, default alpha, base model id, free-form extras.
+
+Usage:
+    adapter = ShiraAdapter.load("style.safetensors"); print(adapter.summary())
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+FORMAT_VERSION = 1
+METADATA_KEY = "shira_metadata"
+SHIRA_WEIGHT_NAME = "shira_weights.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHT_NAME = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_GAP_BITS = 16
+_GAP_MASK = (1 << _GAP_BITS) - 1
+_SUFFIXES = ("deltas", "gaps", "gaps_hi_index", "gaps_hi")
+
+
+class ShiraFormatError(ValueError):
+    """An adapter file or object is malformed. The message names the file/key and what was expected."""
+
+
+@dataclass
+class SparseDelta:
+    """The change to one weight tensor: `weight.view(-1)[positions] += alpha * deltas`.
+
+    `positions` are int64 flat indices into a tensor of `shape`, sorted and unique; `deltas` are floats.
+    Usage: SparseDelta(shape=(320, 320), positions=torch.tensor([0, 5]), deltas=torch.tensor([.1, -.2]))
+    """
+
+    shape: tuple[int, ...]
+    positions: torch.Tensor
+    deltas: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+
+    @property
+    def numel(self) -> int:
+        """Number of stored parameters."""
+        return int(self.positions.numel())
+
+    @property
+    def density(self) -> float:
+        """Fraction of the weight's entries that this delta changes."""
+        return self.numel / max(1, math.prod(self.shape))
+
+    def validate(self, key: str) -> None:
+        """Raise ShiraFormatError naming `key` unless positions/deltas are well formed."""
+        size = math.prod(self.shape)
+        if self.positions.dtype.is_floating_point or self.positions.dtype == torch.bool or self.positions.is_complex():
+            raise ShiraFormatError(f"{key}: positions must be integers, found {self.positions.dtype}")
+        if self.deltas.dtype not in FLOAT_DTYPES:
+            raise ShiraFormatError(f"{key}: deltas must be floating point, found {self.deltas.dtype}")
+        if self.positions.dim() != 1 or self.deltas.dim() != 1:
+            raise ShiraFormatError(
+                f"{key}: positions and deltas must be 1-D, found shapes {tuple(self.positions.shape)} "
+                f"and {tuple(self.deltas.shape)}"
+            )
+        if self.positions.numel() != self.deltas.numel():
+            raise ShiraFormatError(
+                f"{key}: {self.positions.numel()} positions but {self.deltas.numel()} deltas"
+            )
+        if self.positions.numel() == 0:
+            return
+        positions = self.positions.to(torch.int64)
+        low, high = int(positions.min()), int(positions.max())
+        if low < 0:
+            raise ShiraFormatError(f"{key}: negative position {low}")
+        if high >= size:
+            raise ShiraFormatError(
+                f"{key}: position {high} is out of range for a weight of shape {self.shape} ({size} entries)"
+            )
+        steps = positions[1:] - positions[:-1]
+        if bool((steps == 0).any()):
+            at = int(torch.nonzero(steps == 0)[0])
+            raise ShiraFormatError(f"{key}: duplicate position {int(positions[at])}")
+        if bool((steps < 0).any()):
+            at = int(torch.nonzero(steps < 0)[0])
+            raise ShiraFormatError(
+                f"{key}: positions are not sorted ({int(positions[at])} comes before {int(positions[at + 1])})"
+            )
+        if not bool(torch.isfinite(self.deltas).all()):
+            bad = int(torch.nonzero(~torch.isfinite(self.deltas))[0])
+            raise ShiraFormatError(
+                f"{key}: non-finite delta {float(self.deltas[bad])} at position {int(positions[bad])}"
+            )
+
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The delta as a dense tensor of `shape` (zeros elsewhere)."""
+        dense = torch.zeros(math.prod(self.shape), dtype=dtype)
+        dense[self.positions.to(torch.int64)] = self.deltas.to(dtype)
+        return dense.view(self.shape)
+
+
+def encode_positions(positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sorted unique int positions -> uint16 gaps (+ int32 high bits of the rare gaps >= 2**16)."""
+    positions = positions.to(torch.int64)
+    gaps = torch.diff(positions, prepend=torch.tensor([-1], dtype=torch.int64))
+    hi_index = torch.nonzero(gaps > _GAP_MASK).flatten()
+    return {
+        "gaps": (gaps & _GAP_MASK).to(torch.int32).to(torch.uint16),
+        "gaps_hi_index": hi_index.to(torch.int32),
+        "gaps_hi": (gaps[hi_index] >> _GAP_BITS).to(torch.int32),
+    }
+
+
+def decode_positions(gaps: torch.Tensor, gaps_hi_index: torch.Tensor, gaps_hi: torch.Tensor, key: str) -> torch.Tensor:
+    """Inverse of `encode_positions`; raises ShiraFormatError on tensors that cannot be decoded."""
+    if gaps.dtype != torch.uint16:
+        raise ShiraFormatError(f"{key}.gaps: expected uint16, found {gaps.dtype}")
+    for name, tensor in (("gaps_hi_index", gaps_hi_index), ("gaps_hi", gaps_hi)):
+        if tensor.dtype != torch.int32:
+            raise ShiraFormatError(f"{key}.{name}: expected int32, found {tensor.dtype}")
+    if gaps_hi_index.shape != gaps_hi.shape:
+        raise ShiraFormatError(f"{key}: gaps_hi_index and gaps_hi differ in length")
+    full = gaps.to(torch.int64)
+    if gaps_hi_index.numel():
+        index = gaps_hi_index.to(torch.int64)
+        if int(index.min()) < 0 or int(index.max()) >= full.numel():
+            raise ShiraFormatError(f"{key}.gaps_hi_index: index out of range 0..{full.numel() - 1}")
+        if int(gaps_hi.min()) < 0:
+            raise ShiraFormatError(f"{key}.gaps_hi: negative high bits")
+        full[index] += gaps_hi.to(torch.int64) << _GAP_BITS
+    return torch.cumsum(full, 0) - 1
+
+
+@dataclass
+class ShiraAdapter:
+    """A SHiRA adapter: `{component: {parameter name: SparseDelta}}` plus metadata.
+
+    Usage:
+        adapter = ShiraAdapter.from_state_dicts(base_unet_sd, tuned_unet_sd, component="unet")
+        adapter.save("style.safetensors"); pipe.load_shira_weights("style.safetensors", alpha=0.8)
+    """
+
+    deltas: dict[str, dict[str, SparseDelta]]
+    mask_type: str | None = None
+    default_alpha: float = 1.0
+    base_model: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ---- introspection -------------------------------------------------------------------------
+    @property
+    def components(self) -> list[str]:
+        return sorted(self.deltas)
+
+    def items(self) -> Iterable[tuple[str, str, SparseDelta]]:
+        """(component, parameter name, delta) for every tensor, in sorted order."""
+        for component in sorted(self.deltas):
+            for name in sorted(self.deltas[component]):
+                yield component, name, self.deltas[component][name]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(delta.numel for _, _, delta in self.items())
+
+    @property
+    def num_targeted(self) -> int:
+        """Entries of all targeted weight tensors (denominator of `density`)."""
+        return sum(math.prod(delta.shape) for _, _, delta in self.items())
+
+    @property
+    def density(self) -> float:
+        return self.num_parameters / max(1, self.num_targeted)
+
+    def summary(self) -> str:
+        """A readable table: components, tensors, parameters, density."""
+        lines = [
+            f"SHiRA adapter: {self.num_parameters:,} parameters in {sum(1 for _ in self.items())} tensors, "
+            f"density {self.density:.4%} of targeted weights"
+            + (f", mask {self.mask_type}" if self.mask_type else "")
+            + (f", base {self.base_model}" if self.base_model else "")
+        ]
+        for component in self.components:
+            tensors = self.deltas[component]
+            params = sum(d.numel for d in tensors.values())
+            total = sum(math.prod(d.shape) for d in tensors.values())
+            lines.append(f"  {component}: {len(tensors)} tensors, {params:,} parameters, density {params / max(1, total):.4%}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def validate(self) -> None:
+        """Check every tensor (positions sorted, unique, in range; finite float deltas)."""
+        if not self.deltas:
+            raise ShiraFormatError("adapter has no tensors")
+        for component, name, delta in self.items():
+            delta.validate(f"{component}.{name}")
+
+    def to(self, dtype: torch.dtype) -> "ShiraAdapter":
+        """A copy with deltas cast to `dtype` (e.g. torch.float16 for a 4-bytes-per-parameter file)."""
+        return ShiraAdapter(
+            {c: {n: SparseDelta(d.shape, d.positions, d.deltas.to(dtype)) for n, d in t.items()} for c, t in self.deltas.items()},
+            self.mask_type,
+            self.default_alpha,
+            self.base_model,
+            dict(self.extra),
+        )
+
+    # ---- serialisation -------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "mask_type": self.mask_type,
+            "density": self.density,
+            "default_alpha": self.default_alpha,
+            "base_model": self.base_model,
+            "shapes": {f"{c}.{n}": list(d.shape) for c, n, d in self.items()},
+            "extra": self.extra,
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors of the on-disk format (keys `<component>.<param>.<deltas|gaps|...>`)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for component, name, delta in self.items():
+            key = f"{component}.{name}"
+            tensors[f"{key}.deltas"] = delta.deltas.detach().cpu().contiguous()
+            for suffix, tensor in encode_positions(delta.positions.cpu()).items():
+                tensors[f"{key}.{suffix}"] = tensor.contiguous()
+        return tensors
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write one safetensors file atomically (temp file in the same folder, then rename)."""
+        self.validate()
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ShiraFormatError(f"{path}: SHiRA adapters are saved as .safetensors files")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(self.state_dict(), tmp, metadata={"format": "pt", METADATA_KEY: json.dumps(self.metadata())})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    @classmethod
+    def from_state_dict(
+        cls, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], source: str = "state dict"
+    ) -> "ShiraAdapter":
+        """Build from the on-disk tensors and header metadata; validates everything."""
+        version = metadata.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ShiraFormatError(f"{source}: unsupported SHiRA format version {version!r} (expected {FORMAT_VERSION})")
+        shapes = metadata.get("shapes")
+        if not isinstance(shapes, Mapping):
+            raise ShiraFormatError(f"{source}: metadata has no 'shapes' table")
+        expected = {f"{key}.{suffix}" for key in shapes for suffix in _SUFFIXES}
+        unknown = sorted(set(tensors) - expected)
+        if unknown:
+            raise ShiraFormatError(f"{source}: unexpected tensor {unknown[0]!r} (not listed in the metadata shapes)")
+        deltas: dict[str, dict[str, SparseDelta]] = {}
+        for key, shape in shapes.items():
+            missing = [f"{key}.{s}" for s in _SUFFIXES if f"{key}.{s}" not in tensors]
+            if missing:
+                raise ShiraFormatError(f"{source}: missing tensor {missing[0]!r}")
+            component, _, name = key.partition(".")
+            if not name:
+                raise ShiraFormatError(f"{source}: key {key!r} has no component prefix (expected e.g. 'unet.<param>')")
+            if not (isinstance(shape, list) and all(isinstance(s, int) and s > 0 for s in shape)):
+                raise ShiraFormatError(f"{source}: bad shape {shape!r} for {key!r}")
+            positions = decode_positions(tensors[f"{key}.gaps"], tensors[f"{key}.gaps_hi_index"], tensors[f"{key}.gaps_hi"], key)
+            deltas.setdefault(component, {})[name] = SparseDelta(tuple(shape), positions, tensors[f"{key}.deltas"])
+        adapter = cls(
+            deltas,
+            mask_type=metadata.get("mask_type"),
+            default_alpha=float(metadata.get("default_alpha", 1.0)),
+            base_model=metadata.get("base_model"),
+            extra=dict(metadata.get("extra") or {}),
+        )
+        adapter.validate()
+        return adapter
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ShiraAdapter":
+        """Read a SHiRA safetensors file. Pickle files are refused; they are never unpickled."""
+        path = Path(path)
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise ShiraFormatError(
+                f"{path}: refusing to load a pickle file ({path.suffix}); pickles can run arbitrary code. "
+                "Convert it to .safetensors first."
+            )
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such adapter file")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ShiraFormatError(f"{path}: not a readable safetensors file (corrupt or truncated?): {error}") from None
+        if METADATA_KEY not in header:
+            raise ShiraFormatError(f"{path}: no '{METADATA_KEY}' in the safetensors header; not a SHiRA adapter file")
+        try:
+            metadata = json.loads(header[METADATA_KEY])
+        except json.JSONDecodeError as error:
+            raise ShiraFormatError(f"{path}: metadata is not valid JSON: {error}") from None
+        return cls.from_state_dict(tensors, metadata, source=str(path))
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_state_dicts(
+        cls,
+        base: Mapping[str, Any],
+        tuned: Mapping[str, Any],
+        component: str | None = "unet",
+        *,
+        mask_type: str | None = None,
+        base_model: str | None = None,
+    ) -> "ShiraAdapter":
+        """Keep exactly the positions where `tuned` differs from `base` (deltas in fp32).
+
+        With `component=None`, `base` and `tuned` map component name -> state dict.
+        Usage: ShiraAdapter.from_state_dicts(unet0.state_dict(), unet1.state_dict(), component="unet")
+        """
+        if component is not None:
+            base, tuned = {component: base}, {component: tuned}
+        deltas: dict[str, dict[str, SparseDelta]] = {}
+        for comp, tuned_sd in tuned.items():
+            if comp not in base:
+                raise ShiraFormatError(f"component {comp!r} is in the tuned state dicts but not in the base")
+            base_sd = base[comp]
+            for name, tuned_w in tuned_sd.items():
+                if not torch.is_tensor(tuned_w) or not tuned_w.is_floating_point():
+                    continue
+                if name not in base_sd:
+                    raise ShiraFormatError(f"{comp}.{name}: in the tuned state dict but not in the base")
+                base_w = base_sd[name]
+                if base_w.shape != tuned_w.shape:
+                    raise ShiraFormatError(
+                        f"{comp}.{name}: base shape {tuple(base_w.shape)} differs from tuned {tuple(tuned_w.shape)}"
+                    )
+                flat_base = base_w.detach().reshape(-1).cpu()
+                flat_tuned = tuned_w.detach().reshape(-1).cpu()
+                positions = torch.nonzero(flat_tuned != flat_base).flatten()
+                if positions.numel() == 0:
+                    continue
+                values = flat_tuned[positions].to(torch.float32) - flat_base[positions].to(torch.float32)
+                deltas.setdefault(comp, {})[name] = SparseDelta(tuple(tuned_w.shape), positions, values)
+        if not deltas:
+            raise ShiraFormatError("tuned and base state dicts are identical: nothing to store")
+        return cls(deltas, mask_type=mask_type, base_model=base_model)
+
+    @classmethod
+    def from_peft(
+        cls,
+        path_or_dir: str | os.PathLike,
+        component: str = "unet",
+        *,
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> "ShiraAdapter":
+        """Read a PEFT SHiRA adapter (`adapter_config.json` + `adapter_model.safetensors`) into `component`.
+
+        PEFT files do not store weight shapes. `shapes` (parameter name -> shape, e.g. from the target
+        model's state dict) supplies them; without it they are inferred from PEFT's budget r*(m+n).
+        Usage: ShiraAdapter.from_peft("peft_dir", component="unet", shapes={k: v.shape for k, v in unet.state_dict().items()})
+        """
+        return _read_peft_shira(Path(path_or_dir), component, shapes)
+
+    def to_peft(self, directory: str | os.PathLike, component: str | None = None) -> Path:
+        """Write one component in PEFT's SHiRA layout (loadable with `PeftModel.from_pretrained`)."""
+        return _write_peft_shira(self, Path(directory), component)
+
+
+# ---- PEFT's SHiRA layout ---------------------------------------------------------------------------
+# PEFT stores, per nn.Linear, `base_model.model.<module>.shira_weight` (values, [K]) and
+# `...shira_indices` (int32 [2, K]: rows, columns; float32 when written on Windows), with
+# K = r * (out + in). It stores no shapes.
+_PEFT_PREFIX = "base_model.model."
+
+
+def _peft_files(path: Path) -> tuple[Path, Path]:
+    if path.is_dir():
+        return path / PEFT_CONFIG_NAME, path / PEFT_WEIGHT_NAME
+    return path.parent / PEFT_CONFIG_NAME, path
+
+
+def is_peft_shira_dir(path: Path) -> bool:
+    """True when `path` is a folder (or weights file) with a PEFT adapter_config.json of type SHIRA."""
+    config_path, _ = _peft_files(path)
+    if not config_path.is_file():
+        return False
+    try:
+        return json.loads(config_path.read_text()).get("peft_type") == "SHIRA"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _infer_peft_shape(key: str, rows: torch.Tensor, cols: torch.Tensor, r: Any) -> tuple[int, int]:
+    # PEFT keeps exactly r*(m+n) entries. When the largest row and column index are m-1 and n-1,
+    # that budget pins the shape down; otherwise the caller must give the shapes.
+    count = rows.numel()
+    low = (int(rows.max()) + 1, int(cols.max()) + 1)
+    if isinstance(r, int) and r > 0 and count % r == 0 and sum(low) == count // r:
+        return low
+    raise ShiraFormatError(
+        f"{key}: PEFT files do not store weight shapes and this one cannot be inferred from r={r!r}; "
+        "pass shapes= (or load it with pipe.load_shira_weights, which reads them from the model)"
+    )
+
+
+def _read_peft_shira(path: Path, component: str, shapes: Mapping[str, tuple[int, ...]] | None) -> ShiraAdapter:
+    config_path, weights_path = _peft_files(path)
+    if weights_path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ShiraFormatError(f"{weights_path}: refusing to load a pickle file; only adapter_model.safetensors is read")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: no PEFT adapter config")
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path}: no PEFT adapter weights (adapter_model.safetensors)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ShiraFormatError(f"{config_path}: not valid JSON: {error}") from None
+    if config.get("peft_type") != "SHIRA":
+        raise ShiraFormatError(f"{config_path}: peft_type is {config.get('peft_type')!r}, expected 'SHIRA'")
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ShiraFormatError(f"{weights_path}: not a readable safetensors file: {error}") from None
+    deltas: dict[str, SparseDelta] = {}
+    for key in sorted(tensors):
+        if not key.endswith(".shira_weight"):
+            if not key.endswith(".shira_indices"):
+                raise ShiraFormatError(f"{weights_path}: unexpected key {key!r} (expected ...shira_weight / ...shira_indices)")
+            continue
+        module = key[: -len(".shira_weight")].removeprefix(_PEFT_PREFIX)
+        index_key = key[: -len("shira_weight")] + "shira_indices"
+        if index_key not in tensors:
+            raise ShiraFormatError(f"{weights_path}: {key!r} has no matching {index_key!r}")
+        values, indices = tensors[key], tensors[index_key]
+        if indices.dim() != 2 or indices.shape[0] != 2 or indices.shape[1] != values.numel():
+            raise ShiraFormatError(
+                f"{weights_path}: {index_key!r} has shape {tuple(indices.shape)}, expected (2, {values.numel()})"
+            )
+        if indices.is_floating_point():  # PEFT writes float32 indices on Windows
+            if not bool((indices == indices.round()).all()):
+                raise ShiraFormatError(f"{weights_path}: {index_key!r} holds non-integer indices")
+        indices = indices.to(torch.int64)
+        if int(indices.min()) < 0:
+            raise ShiraFormatError(f"{weights_path}: {index_key!r} holds negative indices")
+        name = f"{module}.weight"
+        if shapes is not None:
+            if name not in shapes:
+                raise ShiraFormatError(f"{weights_path}: {component} has no weight {name!r}")
+            shape = tuple(shapes[name])
+        else:
+            shape = _infer_peft_shape(f"{weights_path}: {name}", indices[0], indices[1], config.get("r"))
+        if len(shape) != 2 or int(indices[0].max()) >= shape[0] or int(indices[1].max()) >= shape[1]:
+            raise ShiraFormatError(f"{weights_path}: indices of {name!r} do not fit its shape {shape}")
+        flat = indices[0] * shape[1] + indices[1]
+        order = torch.argsort(flat)
+        deltas[name] = SparseDelta(shape, flat[order], values.reshape(-1)[order])
+    if not deltas:
+        raise ShiraFormatError(f"{weights_path}: no ...shira_weight tensors found")
+    adapter = ShiraAdapter(
+        {component: deltas},
+        mask_type=str(config.get("mask_type") or "random"),
+        base_model=config.get("base_model_name_or_path"),
+        extra={"peft_r": config.get("r")},
+    )
+    adapter.validate()
+    return adapter
+
+
+def _write_peft_shira(adapter: ShiraAdapter, directory: Path, component: str | None) -> Path:
+    from peft import ShiraConfig  # PEFT writes its own config so the file matches what it expects
+
+    if component is None:
+        if len(adapter.components) != 1:
+            raise ShiraFormatError(
+                f"a PEFT adapter holds one model; this adapter spans {adapter.components}: pass component="
+            )
+        component = adapter.components[0]
+    if component not in adapter.deltas:
+        raise ShiraFormatError(f"adapter has no component {component!r} (has {adapter.components})")
+    budgets: set[int] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, delta in sorted(adapter.deltas[component].items()):
+        if len(delta.shape) != 2 or not name.endswith(".weight"):
+            raise ShiraFormatError(f"{component}.{name}: PEFT SHiRA supports nn.Linear weights only (shape {delta.shape})")
+        rows, cols = delta.shape
+        if delta.numel % (rows + cols):
+            raise ShiraFormatError(
+                f"{component}.{name}: {delta.numel} parameters is not r*(out+in) = r*{rows + cols} for any whole r; "
+                "PEFT cannot represent this budget"
+            )
+        budgets.add(delta.numel // (rows + cols))
+        module = name[: -len(".weight")]
+        positions = delta.positions.to(torch.int64)
+        tensors[f"{_PEFT_PREFIX}{module}.shira_weight"] = delta.deltas.detach().cpu().contiguous()
+        tensors[f"{_PEFT_PREFIX}{module}.shira_indices"] = torch.stack([positions // cols, positions % cols]).to(torch.int32)
+    if len(budgets) != 1:
+        raise ShiraFormatError(f"PEFT needs one r for all layers; this adapter's layers imply r in {sorted(budgets)}")
+    directory.mkdir(parents=True, exist_ok=True)
+    config = ShiraConfig(
+        r=budgets.pop(),
+        mask_type="custom",
+        target_modules=sorted(name[: -len(".weight")] for name in adapter.deltas[component]),
+        inference_mode=True,
+        base_model_name_or_path=adapter.base_model,
+    )
+    config.save_pretrained(str(directory))
+    save_file(tensors, str(directory / PEFT_WEIGHT_NAME), metadata={"format": "pt"})
+    return directory

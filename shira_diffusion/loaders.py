@@ -1,0 +1,318 @@
+"""Pipeline mixin: diffusers-style verbs to load, switch, fuse and unload SHiRA adapters.
+
+One mixin serves every pipeline: the components it can write into are the pipeline's torch modules
+(`unet`, `text_encoder`, `text_encoder_2`, `text_encoder_3`, `transformer`, ...). The data path is one way:
+source -> ShiraAdapter (format checks) -> ScatterEngine.check (model checks) -> weights.
+
+Usage:
+    pipe = ShiraStableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    pipe.load_shira_weights("bluefire.safetensors", adapter_name="bluefire")
+    pipe.load_shira_weights("paintings.safetensors", adapter_name="paintings")
+    pipe.set_shira_adapters(["bluefire", "paintings"], weights=[0.7, 0.5])   # fuse two styles
+    pipe.unload_shira_weights()                                               # base weights, bit for bit
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from torch import nn
+
+from .engine import ScatterEngine, ShiraLoadError
+from .format import (
+    METADATA_KEY,
+    PEFT_CONFIG_NAME,
+    PEFT_WEIGHT_NAME,
+    PICKLE_SUFFIXES,
+    SHIRA_WEIGHT_NAME,
+    ShiraAdapter,
+    ShiraFormatError,
+    is_peft_shira_dir,
+)
+
+AdapterSource = str | os.PathLike | ShiraAdapter | Mapping[str, torch.Tensor]
+
+
+def _from_file(path: Path, component: str | None, shapes_of) -> ShiraAdapter:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return ShiraAdapter.load(path)  # raises the "refusing to unpickle" error
+    if path.name == PEFT_WEIGHT_NAME and is_peft_shira_dir(path):
+        target = component or "unet"
+        return ShiraAdapter.from_peft(path, target, shapes=shapes_of(target))
+    return ShiraAdapter.load(path)
+
+
+def _from_dir(path: Path, weight_name: str | None, component: str | None, shapes_of) -> ShiraAdapter:
+    if weight_name is not None:
+        return _from_file(path / weight_name, component, shapes_of)
+    if (path / SHIRA_WEIGHT_NAME).is_file():
+        return ShiraAdapter.load(path / SHIRA_WEIGHT_NAME)
+    if is_peft_shira_dir(path):
+        target = component or "unet"
+        return ShiraAdapter.from_peft(path, target, shapes=shapes_of(target))
+    candidates = sorted(p.name for p in path.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return ShiraAdapter.load(path / candidates[0])
+    raise ShiraFormatError(
+        f"{path}: no {SHIRA_WEIGHT_NAME} and no PEFT SHiRA adapter here"
+        + (f"; several .safetensors files ({candidates}): pass weight_name=" if candidates else "")
+    )
+
+
+def _from_hub(repo_id: str, weight_name: str | None, subfolder: str | None, component: str | None, shapes_of, hub_kwargs) -> ShiraAdapter:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def download(filename: str) -> Path:
+        return Path(hf_hub_download(repo_id, filename, subfolder=subfolder, **hub_kwargs))
+
+    try:
+        try:
+            return _from_file(download(weight_name or SHIRA_WEIGHT_NAME), component, shapes_of)
+        except EntryNotFoundError:
+            if weight_name is not None:
+                raise
+            # A PEFT SHiRA repo: adapter_config.json + adapter_model.safetensors.
+            download(PEFT_CONFIG_NAME)
+            return _from_file(download(PEFT_WEIGHT_NAME), component, shapes_of)
+    except (ShiraFormatError, ShiraLoadError):
+        raise
+    except Exception as error:  # huggingface_hub raises many types; the user needs one clear message
+        raise ShiraLoadError(
+            f"{repo_id!r} is not a local file or folder, and fetching {weight_name or SHIRA_WEIGHT_NAME!r} from the Hub "
+            f"failed ({type(error).__name__}: {error})"
+        ) from None
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if text.lower().endswith((".safetensors", *PICKLE_SUFFIXES)):
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _from_tensors(tensors: Mapping[str, torch.Tensor], shape_of) -> ShiraAdapter:
+    # An in-memory state dict in the file layout; shapes come from the model, like PEFT's.
+    suffixes = (".deltas", ".gaps", ".gaps_hi_index", ".gaps_hi")
+    shapes = {}
+    for key in tensors:
+        stem = next((key[: -len(s)] for s in suffixes if key.endswith(s)), None)
+        if stem is None:
+            raise ShiraFormatError(f"state dict key {key!r} is not '<component>.<weight>.<deltas|gaps|gaps_hi_index|gaps_hi>'")
+        component, _, name = stem.partition(".")
+        shapes[stem] = list(shape_of(component, name))
+    metadata = {"format_version": 1, "shapes": shapes}
+    return ShiraAdapter.from_state_dict(tensors, metadata, source="state dict")
+
+
+class ShiraLoaderMixin:
+    """Adds `load_shira_weights`, `set_shira_adapters`, `unload_shira_weights`, `disable_shira`,
+    `enable_shira`, `get_shira_adapters` and `get_active_shira_adapters` to a diffusers pipeline.
+
+    Usage: class MyPipeline(ShiraLoaderMixin, SomeDiffusersPipeline): ...  (or `add_shira_support(pipe)`)
+    """
+
+    # ---- engine ----------------------------------------------------------------------------------
+    def _shira_modules(self) -> dict[str, nn.Module]:
+        return {name: module for name, module in self.components.items() if isinstance(module, nn.Module)}
+
+    @property
+    def shira_engine(self) -> ScatterEngine:
+        """The engine holding this pipeline's adapters (shared with pipelines made by `from_pipe`)."""
+        engine = self.__dict__.get("_shira_engine")
+        modules = self._shira_modules()
+        if engine is None:
+            engine = ScatterEngine(modules)
+            self.__dict__["_shira_engine"] = engine
+            return engine
+        for key in engine.targets:
+            component = key.partition(".")[0]
+            if modules.get(component) is not engine.components[component]:
+                raise ShiraLoadError(
+                    f"pipeline component {component!r} was replaced while SHiRA adapters were loaded into it; "
+                    "unload them before swapping components"
+                )
+        engine.components = modules
+        return engine
+
+    def _shira_shapes(self, component: str) -> dict[str, tuple[int, ...]]:
+        module = self._shira_modules().get(component)
+        if module is None:
+            raise ShiraLoadError(f"pipeline has no component {component!r} (it has {sorted(self._shira_modules())})")
+        return {name: tuple(p.shape) for name, p in module.named_parameters()}
+
+    def _shira_resolve(self, src: AdapterSource, weight_name, subfolder, component, hub_kwargs) -> ShiraAdapter:
+        engine = self.shira_engine
+        if isinstance(src, ShiraAdapter):
+            return src
+        if isinstance(src, Mapping):
+            return _from_tensors(src, lambda c, n: tuple(engine.resolve_parameter(c, n).shape))
+        if not isinstance(src, (str, os.PathLike)):
+            raise TypeError(f"cannot load a SHiRA adapter from a {type(src).__name__}")
+        path = Path(src)
+        if subfolder:
+            path = path / subfolder
+        if path.is_file():
+            return _from_file(path, component, self._shira_shapes)
+        if path.is_dir():
+            return _from_dir(path, weight_name, component, self._shira_shapes)
+        if not _looks_like_repo_id(str(src)):
+            raise FileNotFoundError(f"{src}: no such adapter file or folder")
+        return _from_hub(str(src), weight_name, subfolder, component, self._shira_shapes, hub_kwargs)
+
+    # ---- public verbs ----------------------------------------------------------------------------
+    def load_shira_weights(
+        self,
+        src: AdapterSource,
+        alpha: float | None = None,
+        adapter_name: str | None = None,
+        *,
+        weight_name: str | None = None,
+        subfolder: str | None = None,
+        component: str | None = None,
+        **hub_kwargs: Any,
+    ) -> str:
+        """Load an adapter and fuse it at once at strength `alpha` (default: the file's default, 1.0).
+
+        `src`: a .safetensors file, a folder, a Hub repo id (`weight_name`, `subfolder`, and hub kwargs such
+        as `revision`, `cache_dir`, `token`, `local_files_only`), a state dict, or a ShiraAdapter. PEFT SHiRA
+        folders load into `component` (default "unet"); for SHiRA files `component` keeps only that part.
+        Returns the adapter name. Usage: name = pipe.load_shira_weights("style.safetensors", alpha=0.8)
+        """
+        with self.shira_engine.lock:
+            adapter = self._shira_resolve(src, weight_name, subfolder, component, hub_kwargs)
+            if component is not None and not adapter.components == [component]:
+                if component not in adapter.deltas:
+                    raise ShiraLoadError(f"adapter has no component {component!r} (it has {adapter.components})")
+                adapter = ShiraAdapter({component: adapter.deltas[component]}, adapter.mask_type, adapter.default_alpha, adapter.base_model, adapter.extra)
+            engine = self.shira_engine
+            if adapter_name is None:
+                index = len(engine.alphas)
+                while f"default_{index}" in engine.alphas:
+                    index += 1
+                adapter_name = f"default_{index}"
+            engine.add(adapter_name, adapter, adapter.default_alpha if alpha is None else alpha)
+            return adapter_name
+
+    def set_shira_adapters(self, adapter_names: str | Sequence[str], weights: float | Sequence[float] | None = None) -> None:
+        """Make exactly these adapters active, fused at these strengths (default: each one's last alpha).
+
+        Usage: pipe.set_shira_adapters(["bluefire", "paintings"], weights=[0.7, 0.3]); pipe.set_shira_adapters([])
+        """
+        engine = self.shira_engine
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if weights is None:
+            engine.check_names(names)
+            values = [engine.alphas[n] for n in names]
+        elif isinstance(weights, (int, float)):
+            values = [float(weights)] * len(names)
+        else:
+            values = [float(w) for w in weights]
+            if len(values) != len(names):
+                raise ShiraLoadError(f"{len(names)} adapter names but {len(values)} weights")
+        engine.set_active(dict(zip(names, values)))
+
+    def unload_shira_weights(self, adapter_names: str | Sequence[str] | None = None) -> None:
+        """Remove some adapters, or all (then every weight is the original, bit for bit, backup freed)."""
+        engine = self.shira_engine
+        if adapter_names is None:
+            names = list(engine.alphas)
+        else:
+            names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        engine.remove(names)
+
+    def disable_shira(self) -> None:
+        """Show the base weights; adapters stay loaded. Usage: pipe.disable_shira(); ...; pipe.enable_shira()"""
+        self.shira_engine.set_enabled(False)
+
+    def enable_shira(self) -> None:
+        """Write the active adapters back after `disable_shira`."""
+        self.shira_engine.set_enabled(True)
+
+    def get_shira_adapters(self) -> dict[str, dict[str, Any]]:
+        """name -> {"components", "parameters", "alpha", "active"}."""
+        engine = self.shira_engine
+        return {
+            name: {
+                "components": engine.adapter_components[name],
+                "parameters": engine.adapter_parameters[name],
+                "alpha": alpha,
+                "active": name in engine.active and engine.enabled,
+            }
+            for name, alpha in engine.alphas.items()
+        }
+
+    def get_active_shira_adapters(self) -> list[str]:
+        """Names of the adapters currently written into the weights, in activation order."""
+        engine = self.shira_engine
+        return list(engine.active) if engine.enabled else []
+
+    # ---- diffusers integration -------------------------------------------------------------------
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs: Any):
+        """diffusers' `from_pipe`; the new pipeline shares the loaded adapters when it shares the modules."""
+        new = super().from_pipe(pipeline, **kwargs)
+        engine = pipeline.__dict__.get("_shira_engine")
+        if engine is not None and all(new.components.get(c) is m for c, m in engine.components.items()):
+            new.__dict__["_shira_engine"] = engine
+        return new
+
+    def to_json_string(self) -> str:
+        # model_index.json must name the diffusers class, so plain diffusers can load what we save.
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = next(
+            c.__name__ for c in type(self).__mro__ if c.__module__.startswith("diffusers.") and issubclass(c, DiffusionPipeline)
+        )
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+class ShiraStableDiffusionPipeline(ShiraLoaderMixin, StableDiffusionPipeline):
+    """StableDiffusionPipeline with SHiRA loading. Usage: ShiraStableDiffusionPipeline.from_pretrained(path)"""
+
+
+class ShiraStableDiffusionXLPipeline(ShiraLoaderMixin, StableDiffusionXLPipeline):
+    """StableDiffusionXLPipeline with SHiRA loading (unet, text_encoder, text_encoder_2)."""
+
+
+class ShiraStableDiffusion3Pipeline(ShiraLoaderMixin, StableDiffusion3Pipeline):
+    """StableDiffusion3Pipeline with SHiRA loading (transformer, three text encoders)."""
+
+
+class ShiraFluxPipeline(ShiraLoaderMixin, FluxPipeline):
+    """FluxPipeline with SHiRA loading (transformer, CLIP and T5 text encoders)."""
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def add_shira_support(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """Give an existing pipeline instance the SHiRA methods (in place; returns it).
+
+    Usage: pipe = add_shira_support(DiffusionPipeline.from_pretrained(model_id))
+    """
+    if isinstance(pipe, ShiraLoaderMixin):
+        return pipe
+    if not isinstance(pipe, DiffusionPipeline):
+        raise TypeError(f"expected a diffusers DiffusionPipeline, got {type(pipe).__name__}")
+    base = type(pipe)
+    if base not in _SUBCLASSES:
+        _SUBCLASSES[base] = type(f"Shira{base.__name__}", (ShiraLoaderMixin, base), {"__module__": __name__})
+    pipe.__class__ = _SUBCLASSES[base]
+    return pipe
