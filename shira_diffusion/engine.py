@@ -6,7 +6,7 @@ adapters' positions) and `backup` (the original values there). Every write recom
     W[p] = W0[p] + sum_i alpha_i * S_i[p]      (accumulated in fp32 from the backup, cast once)
 
 over those positions only, so unloading restores W0 bit for bit in any dtype, whatever happened before
-(nothing is ever subtracted). Writes go through `index_copy_` on the existing parameter storage: no new
+(nothing is ever subtracted). Writes go through `scatter_` on the existing parameter storage: no new
 Parameter objects, no module surgery, so hooks, offloading and compiled graphs stay valid.
 
 Usage:
@@ -36,7 +36,7 @@ class _Entry:
 
     positions: torch.Tensor  # int64, sorted
     deltas: torch.Tensor  # fp32: the accumulation dtype, so a write does no per-adapter cast
-    slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    slots: torch.Tensor | None = None  # index into the target's union; None when it *is* the union
 
 
 @dataclass
@@ -80,14 +80,18 @@ class ScatterEngine:
             raise ShiraLoadError(f"{component}.{name}: no such weight in {type(module).__name__}") from None
         return parameter
 
-    def check(self, adapter: ShiraAdapter, name: str | None = None) -> None:
-        """Raise a clear error unless `adapter` can be added (under `name`) without touching weights."""
+    def check(self, adapter: ShiraAdapter, name: str | None = None, validated: bool = False) -> None:
+        """Raise a clear error unless `adapter` can be added (under `name`) without touching weights.
+
+        `validated=True` skips the format checks for adapters that were just read (and checked) from a file.
+        """
         if name is not None and name in self.alphas:
             raise ShiraLoadError(f"adapter name {name!r} is already in use; unload it first or pick another name")
-        try:
-            adapter.validate()
-        except ShiraFormatError as error:
-            raise ShiraLoadError(str(error)) from None
+        if not validated:
+            try:
+                adapter.validate()
+            except ShiraFormatError as error:
+                raise ShiraLoadError(str(error)) from None
         for component, param_name, delta in adapter.items():
             key = f"{component}.{param_name}"
             parameter = self.resolve_parameter(component, param_name)
@@ -113,10 +117,10 @@ class ScatterEngine:
         return names
 
     # ---- mutations -------------------------------------------------------------------------------
-    def add(self, name: str, adapter: ShiraAdapter, alpha: float, activate: bool = True) -> None:
+    def add(self, name: str, adapter: ShiraAdapter, alpha: float, activate: bool = True, validated: bool = False) -> None:
         """Validate, back up the new positions, then write. Usage: engine.add("a", adapter, 1.0)"""
         with self.lock:
-            self.check(adapter, name)
+            self.check(adapter, name, validated)
             touched = []
             for component, param_name, delta in adapter.items():
                 key = f"{component}.{param_name}"
@@ -191,29 +195,33 @@ class ScatterEngine:
         target.positions = target.positions.to(weight.device)
         target.backup = target.backup.to(device=weight.device, dtype=weight.dtype)
         for entry in target.entries.values():
-            entry.positions, entry.deltas, entry.slots = (
-                entry.positions.to(weight.device), entry.deltas.to(weight.device), entry.slots.to(weight.device)
-            )
+            entry.positions, entry.deltas = entry.positions.to(weight.device), entry.deltas.to(weight.device)
+            entry.slots = None if entry.slots is None else entry.slots.to(weight.device)
 
     def _grow(self, target: _Target, positions: torch.Tensor) -> None:
         # Positions new to the union have never been written, so the live weight still holds W0 there.
+        if target.positions.numel() == 0:  # the common case: first adapter on this weight
+            target.positions, target.backup = positions, target.parameter.data.view(-1).index_select(0, positions)
+            return
         new = positions[~torch.isin(positions, target.positions)]
         if new.numel() == 0:
             return
         union = torch.cat([target.positions, new]).sort().values
-        backup = target.parameter.data.view(-1)[union]
+        backup = target.parameter.data.view(-1).index_select(0, union)
         backup[torch.searchsorted(union, target.positions)] = target.backup
         target.positions, target.backup = union, backup
 
     @staticmethod
     def _reslot(target: _Target) -> None:
         for entry in target.entries.values():
-            entry.slots = torch.searchsorted(target.positions, entry.positions)
+            # Positions are unique and a subset of the union, so equal length means equal.
+            same = entry.positions.numel() == target.positions.numel()
+            entry.slots = None if same else torch.searchsorted(target.positions, entry.positions)
 
     @staticmethod
     def _restore(target: _Target) -> None:
         with torch.no_grad():
-            target.parameter.data.view(-1).index_copy_(0, target.positions, target.backup)
+            target.parameter.data.view(-1).scatter_(0, target.positions, target.backup)
 
     def _write(self, keys: Iterable[str]) -> None:
         active = [(name, self.alphas[name]) for name in self.active] if self.enabled else []
@@ -227,6 +235,9 @@ class ScatterEngine:
                     continue
                 values = target.backup.to(torch.float32, copy=True)  # never accumulate into the backup
                 for entry, alpha in entries:
-                    values.index_add_(0, entry.slots, entry.deltas, alpha=alpha)
+                    if entry.slots is None:
+                        values.add_(entry.deltas, alpha=alpha)
+                    else:
+                        values.index_add_(0, entry.slots, entry.deltas, alpha=alpha)
                 weight = target.parameter.data
-                weight.view(-1).index_copy_(0, target.positions, values.to(weight.dtype))
+                weight.view(-1).scatter_(0, target.positions, values.to(weight.dtype))

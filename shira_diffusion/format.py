@@ -95,23 +95,23 @@ class SparseDelta:
         if self.positions.numel() == 0:
             return
         positions = self.positions.to(torch.int64)
-        low, high = int(positions.min()), int(positions.max())
+        if not bool(torch.all(positions[1:] > positions[:-1])):  # only now find which problem it is
+            steps = positions[1:] - positions[:-1]
+            at = int(torch.nonzero(steps <= 0)[0])
+            if int(steps[at]) == 0:
+                raise ShiraFormatError(f"{key}: duplicate position {int(positions[at])}")
+            raise ShiraFormatError(
+                f"{key}: positions are not sorted ({int(positions[at])} comes before {int(positions[at + 1])})"
+            )
+        low, high = int(positions[0]), int(positions[-1])  # sorted, so these are min and max
         if low < 0:
             raise ShiraFormatError(f"{key}: negative position {low}")
         if high >= size:
             raise ShiraFormatError(
                 f"{key}: position {high} is out of range for a weight of shape {self.shape} ({size} entries)"
             )
-        steps = positions[1:] - positions[:-1]
-        if bool((steps == 0).any()):
-            at = int(torch.nonzero(steps == 0)[0])
-            raise ShiraFormatError(f"{key}: duplicate position {int(positions[at])}")
-        if bool((steps < 0).any()):
-            at = int(torch.nonzero(steps < 0)[0])
-            raise ShiraFormatError(
-                f"{key}: positions are not sorted ({int(positions[at])} comes before {int(positions[at + 1])})"
-            )
-        if not bool(torch.isfinite(self.deltas).all()):
+        # A float64 sum of finite values is finite and NaN/inf propagate: one cheap reduction.
+        if not bool(torch.isfinite(self.deltas.sum(dtype=torch.float64))):
             bad = int(torch.nonzero(~torch.isfinite(self.deltas))[0])
             raise ShiraFormatError(
                 f"{key}: non-finite delta {float(self.deltas[bad])} at position {int(positions[bad])}"

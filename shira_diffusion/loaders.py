@@ -208,7 +208,8 @@ class ShiraLoaderMixin:
                 while f"default_{index}" in engine.alphas:
                     index += 1
                 adapter_name = f"default_{index}"
-            engine.add(adapter_name, adapter, adapter.default_alpha if alpha is None else alpha)
+            # Files and state dicts were checked while being read; a caller's object is checked here.
+            engine.add(adapter_name, adapter, adapter.default_alpha if alpha is None else alpha, validated=not isinstance(src, ShiraAdapter))
             return adapter_name
 
     def set_shira_adapters(self, adapter_names: str | Sequence[str], weights: float | Sequence[float] | None = None) -> None:

@@ -1,0 +1,49 @@
+"""Small helpers shared by the tests: random sparse adapters over a pipeline, weight snapshots."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shira_diffusion import ShiraAdapter, SparseDelta
+
+TARGET_SUFFIXES = ("to_q.weight", "to_v.weight", "ff.net.2.weight", "q_proj.weight", "fc1.weight", "conv1.weight")
+
+
+def modules(pipe) -> dict[str, nn.Module]:
+    return {name: module for name, module in pipe.components.items() if isinstance(module, nn.Module)}
+
+
+def snapshot(pipe) -> dict[str, torch.Tensor]:
+    """Every parameter of every component, cloned to the CPU."""
+    return {f"{c}.{n}": p.detach().cpu().clone() for c, m in modules(pipe).items() for n, p in m.named_parameters()}
+
+
+def assert_unchanged(pipe, before: dict[str, torch.Tensor]) -> None:
+    after = snapshot(pipe)
+    assert after.keys() == before.keys()
+    changed = [key for key in before if not torch.equal(before[key], after[key])]  # bit-exact, not allclose
+    assert not changed, f"{len(changed)} parameters changed, e.g. {changed[:3]}"
+
+
+def random_adapter(
+    pipe,
+    seed: int,
+    components: tuple[str, ...] = ("unet", "text_encoder"),
+    density: float = 0.05,
+    scale: float = 0.5,
+    suffixes: tuple[str, ...] = TARGET_SUFFIXES,
+) -> ShiraAdapter:
+    """A SHiRA adapter with random positions and values on the pipeline's matching weights."""
+    generator = torch.Generator().manual_seed(seed)
+    deltas: dict[str, dict[str, SparseDelta]] = {}
+    for component in components:
+        for name, parameter in getattr(pipe, component).named_parameters():
+            if parameter.dim() < 2 or not name.endswith(suffixes):
+                continue
+            size = parameter.numel()
+            count = max(1, int(size * density))
+            positions = torch.randperm(size, generator=generator)[:count].sort().values
+            values = torch.randn(count, generator=generator) * scale
+            deltas.setdefault(component, {})[name] = SparseDelta(tuple(parameter.shape), positions, values)
+    return ShiraAdapter(deltas)
