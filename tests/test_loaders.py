@@ -1,0 +1,309 @@
+"""Pipeline mixin + scatter engine: load / switch / fuse / unload, exactness, bad input, integration."""
+
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from shira_diffusion import (
+    ShiraAdapter,
+    ShiraFormatError,
+    ShiraLoadError,
+    ShiraStableDiffusionPipeline,
+    SparseDelta,
+    add_shira_support,
+)
+from shira_diffusion.testing import tiny_pipeline
+
+from .helpers import assert_unchanged, random_adapter, snapshot
+
+
+def generate(pipe, seed=0):
+    return pipe("a red fox in the snow", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(seed)).images
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return tiny_pipeline("sd")
+
+
+@pytest.fixture(autouse=True)
+def _clean(request):
+    yield
+    if "sd" in request.fixturenames:
+        request.getfixturevalue("sd").unload_shira_weights()
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_adapter_changes_images_and_unload_restores_them(kind):
+    pipe = tiny_pipeline(kind)
+    before, base_images = snapshot(pipe), generate(pipe)
+    components = ("unet", "text_encoder", "text_encoder_2") if kind == "sdxl" else ("unet", "text_encoder")
+    pipe.load_shira_weights(random_adapter(pipe, 0, components, scale=2.0), adapter_name="style")
+    assert not np.allclose(generate(pipe), base_images, atol=1e-3)
+    pipe.unload_shira_weights()
+    assert np.array_equal(generate(pipe), base_images)
+    assert_unchanged(pipe, before)
+
+
+def test_fused_weight_is_base_plus_alpha_times_delta_and_overlaps_add(sd):
+    name = next(n for n, _ in sd.unet.named_parameters() if n.endswith("attn1.to_q.weight"))
+    weight = sd.unet.get_parameter(name)
+    w0 = weight.detach().clone()
+    shape = tuple(weight.shape)
+    a = ShiraAdapter({"unet": {name: SparseDelta(shape, torch.tensor([0, 3, 7]), torch.tensor([1.0, 2.0, 3.0]))}})
+    b = ShiraAdapter({"unet": {name: SparseDelta(shape, torch.tensor([3, 9]), torch.tensor([10.0, 20.0]))}})
+    sd.load_shira_weights(a, alpha=0.5, adapter_name="a")
+    sd.load_shira_weights(b, alpha=2.0, adapter_name="b")
+    expected = w0.clone().view(-1)
+    expected[[0, 3, 7, 9]] += torch.tensor([0.5, 1.0 + 20.0, 1.5, 40.0])
+    assert torch.equal(weight.detach().view(-1), expected)
+    sd.set_shira_adapters(["b"], weights=[1.0])
+    expected = w0.clone().view(-1)
+    expected[[3, 9]] += torch.tensor([10.0, 20.0])
+    assert torch.equal(weight.detach().view(-1), expected)
+
+
+def test_writes_happen_in_place(sd):
+    parameters = {n: (p, p.data_ptr()) for n, p in sd.unet.named_parameters()}
+    sd.load_shira_weights(random_adapter(sd, 1), adapter_name="a")
+    sd.unload_shira_weights()
+    for name, parameter in sd.unet.named_parameters():
+        assert parameters[name][0] is parameter and parameter.data_ptr() == parameters[name][1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_thousand_random_operations_then_unload_is_bit_exact(dtype):
+    pipe = tiny_pipeline("sd", dtype=dtype)
+    before = snapshot(pipe)
+    pool = [random_adapter(pipe, seed, density=0.1, scale=3.0) for seed in range(5)]
+    rng = random.Random(0)
+    loaded: list[str] = []
+    for step in range(1000):
+        operation = rng.choice(["load", "unload", "switch", "fuse", "alpha", "disable", "enable"])
+        if operation == "load" or not loaded:
+            if len(loaded) < len(pool):
+                name = f"a{step}"
+                pipe.load_shira_weights(pool[step % len(pool)], alpha=rng.uniform(-2, 2), adapter_name=name)
+                loaded.append(name)
+        elif operation == "unload":
+            pipe.unload_shira_weights(loaded.pop(rng.randrange(len(loaded))))
+        elif operation == "switch":
+            pipe.set_shira_adapters(rng.choice(loaded))
+        elif operation == "fuse":
+            names = rng.sample(loaded, rng.randint(0, len(loaded)))
+            pipe.set_shira_adapters(names, weights=[rng.uniform(-1.5, 1.5) for _ in names])
+        elif operation == "alpha":
+            pipe.set_shira_adapters(pipe.get_active_shira_adapters() or loaded[:1], weights=rng.uniform(0, 2))
+        elif operation == "disable":
+            pipe.disable_shira()
+        else:
+            pipe.enable_shira()
+    pipe.unload_shira_weights()
+    assert_unchanged(pipe, before)
+    assert pipe.shira_engine.targets == {}  # backup memory released
+
+
+def test_set_adapters_getters_and_disable(sd):
+    before = snapshot(sd)
+    sd.load_shira_weights(random_adapter(sd, 1), alpha=0.7, adapter_name="a")
+    sd.load_shira_weights(random_adapter(sd, 2, components=("unet",)), adapter_name="b")
+    assert sd.get_active_shira_adapters() == ["a", "b"]
+    info = sd.get_shira_adapters()
+    assert info["a"]["alpha"] == 0.7 and info["a"]["components"] == ["text_encoder", "unet"]
+    assert info["b"]["components"] == ["unet"] and info["b"]["parameters"] > 0
+    sd.set_shira_adapters(["b", "a"], weights=[0.3, 0.6])
+    assert sd.get_active_shira_adapters() == ["b", "a"] and sd.get_shira_adapters()["a"]["alpha"] == 0.6
+    fused = snapshot(sd)
+    sd.disable_shira()
+    assert sd.get_active_shira_adapters() == []
+    assert_unchanged(sd, before)
+    sd.enable_shira()
+    assert_unchanged(sd, fused)
+    sd.set_shira_adapters([])
+    assert_unchanged(sd, before)
+    with pytest.raises(ShiraLoadError, match="unknown adapter 'nope'"):
+        sd.set_shira_adapters(["nope"])
+    with pytest.raises(ShiraLoadError, match="2 adapter names but 1 weights"):
+        sd.set_shira_adapters(["a", "b"], weights=[1.0])
+
+
+def test_default_names_alpha_and_sources(sd, tmp_path):
+    adapter = random_adapter(sd, 3)
+    adapter.default_alpha = 0.25
+    path = adapter.save(tmp_path / "shira_weights.safetensors")
+    assert sd.load_shira_weights(path) == "default_0"
+    assert sd.get_shira_adapters()["default_0"]["alpha"] == 0.25
+    file_state = snapshot(sd)
+    sd.unload_shira_weights()
+    assert sd.load_shira_weights(tmp_path, alpha=0.25) == "default_0"  # a folder with shira_weights.safetensors
+    assert_unchanged(sd, file_state)
+    sd.unload_shira_weights()
+    sd.load_shira_weights(adapter.state_dict(), alpha=0.25)  # shapes come from the model
+    assert_unchanged(sd, file_state)
+
+
+def bad_adapters(pipe):
+    """(case, adapter) pairs: valid tensors first, the bad one last, so a partial write would show."""
+    good = random_adapter(pipe, 7, components=("unet",))
+    name = next(n for n, _ in pipe.unet.named_parameters() if n.endswith("attn1.to_k.weight"))
+    shape = tuple(pipe.unet.get_parameter(name).shape)
+
+    def with_bad(delta, component="unet", param=name):
+        deltas = {c: dict(t) for c, t in good.deltas.items()}
+        deltas.setdefault(component, {})[param] = delta
+        return ShiraAdapter(deltas)
+
+    size = shape[0] * shape[1]
+    return [
+        ("component 'vae2', which this pipeline does not have", with_bad(SparseDelta(shape, torch.tensor([1]), torch.ones(1)), component="vae2")),
+        ("no such weight", with_bad(SparseDelta(shape, torch.tensor([1]), torch.ones(1)), param="up_blocks.9.nope.weight")),
+        ("made for shape", with_bad(SparseDelta((shape[0] + 1, shape[1]), torch.tensor([1]), torch.ones(1)))),
+        ("out of range", with_bad(SparseDelta(shape, torch.tensor([1, size]), torch.ones(2)))),
+        ("negative position", with_bad(SparseDelta(shape, torch.tensor([-3, 1]), torch.ones(2)))),
+        ("duplicate position 4", with_bad(SparseDelta(shape, torch.tensor([1, 4, 4]), torch.ones(3)))),
+        ("not sorted", with_bad(SparseDelta(shape, torch.tensor([5, 2]), torch.ones(2)))),
+        ("non-finite delta inf", with_bad(SparseDelta(shape, torch.tensor([1, 2]), torch.tensor([1.0, float("inf")])))),
+        ("deltas must be floating point", with_bad(SparseDelta(shape, torch.tensor([1, 2]), torch.tensor([1, 2])))),
+        ("positions must be integers", with_bad(SparseDelta(shape, torch.tensor([1.0, 2.0]), torch.ones(2)))),
+    ]
+
+
+def test_every_bad_adapter_raises_a_clear_error_and_changes_nothing(sd):
+    sd.load_shira_weights(random_adapter(sd, 11), adapter_name="existing")
+    before, adapters_before = snapshot(sd), sd.get_shira_adapters()
+    for message, adapter in bad_adapters(sd):
+        with pytest.raises((ShiraLoadError, ShiraFormatError), match=message):
+            sd.load_shira_weights(adapter, adapter_name="new")
+        assert_unchanged(sd, before)
+        assert sd.get_shira_adapters() == adapters_before
+    with pytest.raises(ShiraLoadError, match="adapter name 'existing' is already in use"):
+        sd.load_shira_weights(random_adapter(sd, 12), adapter_name="existing")
+    assert_unchanged(sd, before)
+
+
+def test_bad_files_raise_and_change_nothing(sd, tmp_path):
+    before = snapshot(sd)
+    good = random_adapter(sd, 13).save(tmp_path / "good.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"{" * 64)
+    pickled = tmp_path / "pytorch_lora_weights.bin"
+    torch.save({"x": torch.zeros(1)}, pickled)
+    cases = [(truncated, "truncated.safetensors: not a readable"), (corrupt, "corrupt.safetensors: not a readable"), (pickled, "refusing to load a pickle")]
+    for path, message in cases:
+        with pytest.raises(ShiraFormatError, match=message):
+            sd.load_shira_weights(path)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors: no such adapter file"):
+        sd.load_shira_weights(tmp_path / "missing.safetensors")
+    assert_unchanged(sd, before)
+    assert sd.get_shira_adapters() == {}
+
+
+def test_sdxl_adapter_into_sd_is_refused(sd):
+    sdxl = tiny_pipeline("sdxl")
+    before = snapshot(sd)
+    with pytest.raises(ShiraLoadError, match="unet"):
+        sd.load_shira_weights(random_adapter(sdxl, 0, components=("unet",)))
+    with pytest.raises(ShiraLoadError, match="component 'text_encoder_2'"):
+        sd.load_shira_weights(random_adapter(sdxl, 0, components=("text_encoder_2",)))
+    assert_unchanged(sd, before)
+
+
+def test_sdxl_adapter_over_three_components_fuses_and_unloads_exactly():
+    pipe = tiny_pipeline("sdxl")
+    before = snapshot(pipe)
+    everywhere = random_adapter(pipe, 0, ("unet", "text_encoder", "text_encoder_2"))
+    assert everywhere.components == ["text_encoder", "text_encoder_2", "unet"]
+    pipe.load_shira_weights(everywhere, adapter_name="a")
+    pipe.load_shira_weights(random_adapter(pipe, 1, ("unet", "text_encoder_2")), adapter_name="b")
+    pipe.set_shira_adapters(["a", "b"], weights=[0.6, 0.4])
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        name = next(n for n in everywhere.deltas[component])
+        assert not torch.equal(getattr(pipe, component).get_parameter(name), before[f"{component}.{name}"])
+    pipe.unload_shira_weights(["a"])
+    pipe.unload_shira_weights(["b"])
+    assert_unchanged(pipe, before)
+
+
+def test_mutations_are_serialised_by_a_lock(sd):
+    sd.load_shira_weights(random_adapter(sd, 1), adapter_name="a")
+    finished = threading.Event()
+
+    def switch():
+        sd.set_shira_adapters([])
+        finished.set()
+
+    with sd.shira_engine.lock:
+        worker = threading.Thread(target=switch)
+        worker.start()
+        time.sleep(0.2)
+        assert not finished.is_set()  # blocked while another mutation holds the lock
+    worker.join(5)
+    assert finished.is_set()
+
+
+def test_from_pipe_shares_adapters_and_attach_and_save_pretrained(sd, tmp_path):
+    before = snapshot(sd)
+    sd.load_shira_weights(random_adapter(sd, 1), adapter_name="a")
+    other = ShiraStableDiffusionPipeline.from_pipe(sd)
+    assert other.get_shira_adapters().keys() == {"a"}
+    other.unload_shira_weights()
+    assert sd.get_shira_adapters() == {}
+    assert_unchanged(sd, before)
+
+    plain = StableDiffusionPipeline(**{k: v for k, v in sd.components.items()})
+    assert add_shira_support(plain) is plain
+    plain.load_shira_weights(random_adapter(plain, 2), adapter_name="x")
+    plain.unload_shira_weights()
+    assert_unchanged(plain, before)
+
+    sd.save_pretrained(tmp_path / "pipe")
+    reloaded = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe")  # plain diffusers reads what we save
+    assert type(reloaded) is StableDiffusionPipeline
+    assert (tmp_path / "pipe" / "model_index.json").read_text().count('"StableDiffusionPipeline"') == 1
+
+
+def test_compiled_unet_is_not_recompiled_by_switching(sd):
+    # Writes are in place on the same storage: a compiled graph sees new values, with no guard failing.
+    unet = sd.unet
+    compiled = torch.compile(unet, backend="eager", fullgraph=False)
+    sample = torch.randn(1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    hidden = torch.randn(1, 4, unet.config.cross_attention_dim)
+    base = compiled(sample, 10, hidden).sample
+    a = random_adapter(sd, 1, components=("unet",), suffixes=("to_q.weight",), scale=3.0)
+    b = random_adapter(sd, 2, components=("unet",), suffixes=("ff.net.2.weight", "conv1.weight"), scale=3.0)
+    sd.load_shira_weights(a, adapter_name="a")
+    sd.load_shira_weights(b, adapter_name="b")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outputs = []
+        for names in (["a"], ["b"], ["a", "b"], []):
+            sd.set_shira_adapters(names)
+            outputs.append(compiled(sample, 10, hidden).sample)
+        assert torch.equal(outputs[-1], base)
+        assert not torch.allclose(outputs[0], base) and not torch.allclose(outputs[1], outputs[0])
+    sd.set_shira_adapters(["b"])
+    eager = unet(sample, 10, hidden).sample
+    assert torch.allclose(outputs[1], eager, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("offload", [False, True])
+def test_cuda_fp16_and_model_cpu_offload(offload):
+    pipe = tiny_pipeline("sd", dtype=torch.float16)
+    before = snapshot(pipe)
+    if offload:
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to("cuda")
+    base_images = generate(pipe)
+    pipe.load_shira_weights(random_adapter(pipe, 0, scale=2.0), adapter_name="a")
+    assert not np.allclose(generate(pipe), base_images, atol=1e-3)
+    pipe.unload_shira_weights()
+    assert np.array_equal(generate(pipe), base_images)
+    assert_unchanged(pipe, before)
