@@ -61,8 +61,7 @@ class ScatterEngine:
         self.alphas: dict[str, float] = {}  # loaded adapter -> its strength when active
         self.active: list[str] = []
         self.enabled = True
-        self.adapter_components: dict[str, list[str]] = {}
-        self.adapter_parameters: dict[str, int] = {}
+        self.adapters: dict[str, ShiraAdapter] = {}  # kept (on the CPU) for saving and inspection
         self.targets: dict[str, _Target] = {}  # "<component>.<parameter>" -> target
 
     # ---- validation (everything is checked before the first write) -----------------------------
@@ -137,8 +136,7 @@ class ScatterEngine:
                 self._reslot(target)
                 touched.append(key)
             self.alphas[name] = float(alpha)
-            self.adapter_components[name] = adapter.components
-            self.adapter_parameters[name] = adapter.num_parameters
+            self.adapters[name] = adapter
             if activate:
                 self.active.append(name)
             self._write(touched)
@@ -171,7 +169,7 @@ class ScatterEngine:
                 target.positions, target.backup = target.positions[keep], target.backup[keep]
                 self._reslot(target)
             for name in gone:
-                del self.alphas[name], self.adapter_components[name], self.adapter_parameters[name]
+                del self.alphas[name], self.adapters[name]
             self.active = [n for n in self.active if n not in gone]
             self._write([k for k in keys if k in self.targets])
 

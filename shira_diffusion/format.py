@@ -331,6 +331,57 @@ class ShiraAdapter:
             raise ShiraFormatError(f"{path}: metadata is not valid JSON: {error}") from None
         return cls.from_state_dict(tensors, metadata, source=str(path))
 
+    def model_card(self, weight_name: str = SHIRA_WEIGHT_NAME) -> str:
+        """A Hub model card (README.md) describing the adapter and how to load it."""
+        base = self.base_model or "unknown"
+        tensors = sum(1 for _ in self.items())
+        return f"""---
+library_name: shira-diffusion
+base_model: {base}
+tags: [shira-diffusion, shira, sparse-adapter, text-to-image, diffusers]
+---
+# SHiRA adapter
+
+Sparse High Rank Adapter for `{base}`: {self.num_parameters:,} parameters in {tensors} tensors of
+{", ".join(self.components)} ({self.density:.2%} of the targeted weights{f", {self.mask_type} mask" if self.mask_type else ""}).
+
+```python
+from shira_diffusion import add_shira_support
+from diffusers import DiffusionPipeline
+
+pipe = add_shira_support(DiffusionPipeline.from_pretrained("{base}"))
+pipe.load_shira_weights("<this repo>", weight_name="{weight_name}", alpha={self.default_alpha})
+```
+"""
+
+    def save_pretrained(self, directory: str | os.PathLike, weight_name: str = SHIRA_WEIGHT_NAME) -> Path:
+        """The adapter file plus a README.md model card in `directory`."""
+        directory = Path(directory)
+        self.save(directory / weight_name)
+        (directory / "README.md").write_text(self.model_card(weight_name))
+        return directory
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        weight_name: str = SHIRA_WEIGHT_NAME,
+        commit_message: str = "Upload SHiRA adapter",
+        private: bool | None = None,
+        token: str | None = None,
+    ) -> str:
+        """Upload the adapter file and its model card to a Hub model repo (created if missing).
+
+        Usage: adapter.push_to_hub("me/bluefire-shira")
+        """
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, weight_name)
+            info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+        return str(info)
+
     # ---- construction --------------------------------------------------------------------------
     @classmethod
     def from_state_dicts(

@@ -252,8 +252,8 @@ class ShiraLoaderMixin:
         engine = self.shira_engine
         return {
             name: {
-                "components": engine.adapter_components[name],
-                "parameters": engine.adapter_parameters[name],
+                "components": engine.adapters[name].components,
+                "parameters": engine.adapters[name].num_parameters,
                 "alpha": alpha,
                 "active": name in engine.active and engine.enabled,
             }
@@ -264,6 +264,36 @@ class ShiraLoaderMixin:
         """Names of the adapters currently written into the weights, in activation order."""
         engine = self.shira_engine
         return list(engine.active) if engine.enabled else []
+
+    def save_shira_weights(
+        self,
+        save_directory: str | os.PathLike,
+        adapter_name: str | None = None,
+        weight_name: str = SHIRA_WEIGHT_NAME,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **push_kwargs: Any,
+    ) -> Path:
+        """Write a loaded adapter (the only one, or `adapter_name`) and its model card to a folder;
+        with `push_to_hub`, also upload them to `repo_id`.
+
+        Usage: pipe.save_shira_weights("out/", adapter_name="bluefire", push_to_hub=True, repo_id="me/bluefire")
+        """
+        engine = self.shira_engine
+        if adapter_name is None:
+            if len(engine.adapters) != 1:
+                raise ShiraLoadError(f"pass adapter_name: {len(engine.adapters)} adapters are loaded ({sorted(engine.adapters)})")
+            adapter_name = next(iter(engine.adapters))
+        engine.check_names([adapter_name])
+        adapter = engine.adapters[adapter_name]
+        if adapter.base_model is None:
+            adapter.base_model = getattr(self, "name_or_path", None)
+        folder = adapter.save_pretrained(save_directory, weight_name)
+        if push_to_hub:
+            if repo_id is None:
+                raise ValueError("push_to_hub needs repo_id")
+            adapter.push_to_hub(repo_id, weight_name=weight_name, **push_kwargs)
+        return folder
 
     # ---- diffusers integration -------------------------------------------------------------------
     @classmethod

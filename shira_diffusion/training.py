@@ -659,11 +659,14 @@ def _save_adapter(config, accelerator, components, trainables, is_sdxl, step) ->
         path = adapter.save(output_dir / SHIRA_WEIGHT_NAME)
     else:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = {f"{c}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(accelerator.unwrap_model(m))) for c, m in components.items()}
-        (StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline).save_lora_weights(output_dir, **layers)
+        # PEFT-style keys + each component's LoraConfig as metadata: diffusers reloads them exactly (files
+        # written with convert_state_dict_to_diffusers lose their attention layers in diffusers 0.42).
+        models = {c: accelerator.unwrap_model(m) for c, m in components.items()}
+        layers = {f"{c}_lora_layers": get_peft_model_state_dict(m) for c, m in models.items()}
+        metadata = {f"{c}_lora_adapter_metadata": m.peft_config["default"].to_dict() for c, m in models.items()}
+        (StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline).save_lora_weights(output_dir, **layers, **metadata)
         path = output_dir / LORA_WEIGHT_NAME
     _write_model_card(config, output_dir, path, step)
     return path
