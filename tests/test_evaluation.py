@@ -1,0 +1,170 @@
+"""HPSv2 scorer (tiny open_clip config, HPS checkpoint layout) and the evaluation runner, offline."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from PIL import Image
+
+from shira_diffusion.cli import main
+from shira_diffusion.evaluation import Fusion, HPSv2Scorer, Prompt, load_prompts, preprocess, run_evaluation, summarize_records
+from shira_diffusion.testing import tiny_pipeline
+
+from .helpers import random_adapter
+
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """Random weights for a registered tiny open_clip config, saved like HPS_v2.1_compressed.pt."""
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("hps")
+    (folder / "tiny-hps.json").write_text(json.dumps(TINY))
+    open_clip.add_model_config(str(folder / "tiny-hps.json"))
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-hps", pretrained=None)
+    torch.save({"state_dict": model.state_dict()}, folder / "HPS_v2.1_compressed.pt")
+    return folder / "HPS_v2.1_compressed.pt"
+
+
+@pytest.fixture(scope="module")
+def scorer(checkpoint):
+    return HPSv2Scorer(checkpoint, model_name="tiny-hps", batch_size=4)
+
+
+def test_preprocessing_matches_a_hand_computed_reference():
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (37, 61, 4), dtype=np.uint8), "RGBA")
+    expected = torch.from_numpy(np.asarray(rgba.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    scale = 224 / 61
+    size = (round(37 * scale), 224)  # longest side (width) to 224
+    expected = F.interpolate(expected[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+    top = (224 - size[0]) // 2
+    padded = torch.zeros(3, 224, 224)
+    padded[:, top : top + size[0], :] = expected  # black letterbox bars above and below
+    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    padded = (padded - mean[:, None, None]) / std[:, None, None]
+    ours = preprocess(rgba)
+    assert ours.shape == (3, 224, 224)
+    assert torch.allclose(ours, padded, atol=1e-5)
+    assert torch.allclose(ours[:, 0, 0], -mean / std)  # the bars are zero pixels, normalised
+
+
+def test_scores_are_100_cosine_and_independent_of_batch_size(checkpoint, scorer):
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (40 + 7 * i, 50, 3), dtype=np.uint8)) for i in range(5)]
+    prompts = [f"a picture number {i}" for i in range(5)]
+    batched = scorer.score(images, prompts)
+    one_at_a_time = HPSv2Scorer(checkpoint, model_name="tiny-hps", batch_size=1).score(images, prompts)
+    assert np.allclose(batched, one_at_a_time, atol=1e-4)
+    with torch.no_grad():
+        image_features = scorer.model.encode_image(preprocess(images[0])[None])
+        text_features = scorer.model.encode_text(scorer.tokenizer([prompts[0]]))
+    cosine = F.cosine_similarity(image_features, text_features).item()
+    assert batched[0] == pytest.approx(100 * cosine, abs=1e-3)
+    assert all(-100 <= s <= 100 for s in batched)
+    assert scorer.score(images[:2], "one prompt for all")[0] != batched[0]
+    with pytest.raises(ValueError, match="2 images but 3 prompts"):
+        scorer.score(images[:2], ["a", "b", "c"])
+
+
+def test_missing_checkpoint_offline_names_file_and_repo(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=r"HPS_v2\.1_compressed\.pt is not available.*xswu/HPSv2"):
+        HPSv2Scorer(cache_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="nope.pt: no such HPSv2 checkpoint"):
+        HPSv2Scorer(tmp_path / "nope.pt")
+
+
+def test_hpsv2_backend_agrees_when_installed(checkpoint, scorer):
+    pytest.importorskip("hpsv2")
+    image = Image.new("RGB", (64, 48), (200, 30, 30))
+    other = HPSv2Scorer(checkpoint, model_name="tiny-hps", backend="hpsv2")
+    assert other.score([image], "red")[0] == pytest.approx(scorer.score([image], "red")[0], abs=0.05)
+
+
+def test_summary_table_on_fixed_scores():
+    records = [
+        {"adapters": "base", "alpha": 0.0, "score": 20.0},
+        {"adapters": "base", "alpha": 0.0, "score": 22.0},
+        {"adapters": "a", "alpha": 1.0, "score": 30.0},
+        {"adapters": "a", "alpha": 1.0, "score": 34.0},
+        {"adapters": "a", "alpha": 1.0, "score": 32.0},
+        {"adapters": "a", "alpha": 0.5, "score": 25.0},
+    ]
+    summary = {(r["adapters"], r["alpha"]): r for r in summarize_records(records)}
+    assert summary[("a", 1.0)]["mean"] == 32.0 and summary[("a", 1.0)]["std"] == pytest.approx(2.0)
+    assert summary[("base", 0.0)]["mean"] == 21.0 and summary[("a", 0.5)]["n"] == 1
+
+
+def test_prompt_files(tmp_path):
+    (tmp_path / "p.txt").write_text("# comment\na fox\n\n  a koala  \n")
+    assert load_prompts(tmp_path / "p.txt") == [Prompt("a fox"), Prompt("a koala")]
+    (tmp_path / "p.json").write_text(json.dumps(["a lion", {"prompt": "a sword", "concept": "sword", "seen": False}]))
+    assert load_prompts(tmp_path / "p.json")[1] == Prompt("a sword", "sword", False)
+    (tmp_path / "bad.json").write_text(json.dumps([{"text": "x"}]))
+    with pytest.raises(ValueError, match="entry 0 is neither"):
+        load_prompts(tmp_path / "bad.json")
+
+
+def test_runner_end_to_end_resumes_and_writes_every_report(tmp_path, scorer):
+    pipe = tiny_pipeline("sd")
+    random_adapter(pipe, 0, components=("unet",), scale=2.0).save(tmp_path / "a.safetensors")
+    random_adapter(pipe, 1, components=("unet",), scale=2.0).save(tmp_path / "b.safetensors")
+    lora_pipe = tiny_pipeline("sd")
+    lora_pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(lora_pipe.unet))
+    adapters = {"a": tmp_path / "a.safetensors", "b": tmp_path / "b.safetensors", "l": tmp_path / "lora" / "pytorch_lora_weights.safetensors"}
+    prompts = [Prompt("a fox"), Prompt("a koala")]
+    calls = {"n": 0}
+    original = type(pipe).__call__
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    type(pipe).__call__ = counting
+    try:
+        kwargs = dict(seeds=[0, 1], out_dir=tmp_path / "eval", scorer=scorer, alphas=(1.0, 0.5), fusions=[Fusion.parse("a+b:0.7,0.5")], num_inference_steps=2, model_id="tiny")
+        result = run_evaluation(pipe, adapters, prompts, **kwargs)
+        settings = 1 + 2 * (3 + 1)  # base + per alpha (3 adapters + 1 fusion)
+        assert calls["n"] == result.generated == settings * 2 * 2 == len(result.records)
+        again = run_evaluation(tiny_pipeline("sd"), adapters, prompts, **kwargs)
+        assert again.generated == 0 and calls["n"] == settings * 4 and len(again.records) == len(result.records)
+    finally:
+        type(pipe).__call__ = original
+    by_key = {r["key"]: r for r in result.records}
+    assert by_key["a+b|1|0|0"]["weights"] == {"a": 0.7, "b": 0.5} and by_key["a|0.5|1|1"]["weights"] == {"a": 0.5}
+    base_image = np.asarray(Image.open(tmp_path / "eval" / by_key["base|0|0|0"]["image"]))
+    for label in ("a", "l"):
+        assert not np.array_equal(np.asarray(Image.open(tmp_path / "eval" / by_key[f"{label}|1|0|0"]["image"])), base_image)
+    assert all(r["hps_version"] == "v2.1" and isinstance(r["score"], float) for r in result.records)
+    table = (tmp_path / "eval" / "summary.md").read_text()
+    assert "| a+b |" in table and "α=0.5" in table and "±" in table
+    for name in ("records.csv", "summary.csv", "score_vs_alpha.png", "grids/prompt000.png", "grids/prompt001.png"):
+        assert (tmp_path / "eval" / name).is_file(), name
+    assert pipe.get_active_shira_adapters() == []
+
+
+def test_eval_cli_generates_without_scoring_and_reports_bad_flags(tmp_path, capsys):
+    tiny_pipeline("sd").save_pretrained(tmp_path / "model")
+    (tmp_path / "prompts.txt").write_text("a fox\n")
+    base = ["eval", "--pretrained_model_name_or_path", str(tmp_path / "model"), "--prompts", str(tmp_path / "prompts.txt"), "--output_dir", str(tmp_path / "out"), "--num_inference_steps", "2"]
+    assert main(base + ["--seeds", "0", "--no_score"]) == 0
+    assert (tmp_path / "out" / "records.jsonl").is_file()
+    assert main(base + ["--adapter", "nofile"]) == 2 and "expected NAME=FILE" in capsys.readouterr().err
+    assert main(base + ["--fusion", "a"]) == 2 and "expected 'name1+name2" in capsys.readouterr().err
