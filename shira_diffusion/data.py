@@ -26,14 +26,13 @@ class DatasetError(ValueError):
     """A training folder is unusable; the message names the folder or file."""
 
 
-def read_image_folder(folder: str | Path, instance_prompt: str | None = None) -> list[tuple[Path, str]]:
-    """(image path, caption) for every image; raises DatasetError naming what is wrong."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DatasetError(f"{folder}: training data folder does not exist")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in the training data folder")
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_captions(folder: Path, images: list[Path]) -> dict[str, str]:
+    """file name -> caption, from metadata.jsonl (imagefolder convention) and .txt files beside images."""
     captions: dict[str, str] = {}
     metadata = folder / "metadata.jsonl"
     if metadata.is_file():
@@ -49,6 +48,18 @@ def read_image_folder(folder: str | Path, instance_prompt: str | None = None) ->
         text_file = image.with_suffix(".txt")
         if image.name not in captions and text_file.is_file():
             captions[image.name] = text_file.read_text().strip()
+    return captions
+
+
+def read_image_folder(folder: str | Path, instance_prompt: str | None = None) -> list[tuple[Path, str]]:
+    """(image path, caption) for every image; raises DatasetError naming what is wrong."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: training data folder does not exist")
+    images = list_images(folder)
+    if not images:
+        raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in the training data folder")
+    captions = read_captions(folder, images)
     if captions:
         missing = [p.name for p in images if p.name not in captions]
         if missing:
