@@ -167,10 +167,11 @@ def run_demo(config: DemoConfig) -> dict:
     for method in ("shira", "lora"):
         if method == "lora":
             pipe.unload_shira_weights()
-            pipe.load_lora_weights(str(trained[("lora", "A")].parent), adapter_name="A")
-            pipe.load_lora_weights(str(trained[("lora", "B")].parent), adapter_name="B")
+            # LoRA adapter names must not be "A"/"B": diffusers mixes them up with the lora_A / lora_B keys.
+            pipe.load_lora_weights(str(trained[("lora", "A")].parent), adapter_name="first_style")
+            pipe.load_lora_weights(str(trained[("lora", "B")].parent), adapter_name="second_style")
         activate = (lambda names: pipe.set_shira_adapters(names, [1.0] * len(names))) if method == "shira" else (
-            lambda names: (pipe.enable_lora(), pipe.set_adapters(names, [1.0] * len(names))) if names else pipe.disable_lora())
+            lambda names: (pipe.enable_lora(), pipe.set_adapters([{"A": "first_style", "B": "second_style"}[n] for n in names], [1.0] * len(names))) if names else pipe.disable_lora())
         rows = {}
         for name, names in (("base", []), ("A", ["A"]), ("B", ["B"]), ("A+B", ["A", "B"])):
             activate(names)

@@ -1,0 +1,1 @@
+"""shira-diffusion benchmarks: `python -m benchmarks.<name> [--smoke]`; see benchmarks/README.md."""

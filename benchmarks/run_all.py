@@ -1,0 +1,34 @@
+"""Run every benchmark in full mode (or --smoke) and write results/summary.md: one table per benchmark,
+with the machine it ran on.
+
+Usage: python -m benchmarks.run_all [--smoke] [--only switch exactness ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from .common import RESULTS
+
+BENCHMARKS = ("switch", "exactness", "overhead", "compile", "training", "size", "masks", "eval")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
+    args = parser.parse_args()
+    out = Path(args.out)
+    for name in args.only:  # one process each: no memory or compile state carried over
+        subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--out", str(out)] + (["--smoke"] if args.smoke else []), check=True)
+    parts = [(out / f"{name}.md").read_text() for name in BENCHMARKS if (out / f"{name}.md").is_file()]
+    (out / "summary.md").write_text("\n".join(parts))
+    print(f"wrote {out / 'summary.md'}")
+
+
+if __name__ == "__main__":
+    main()

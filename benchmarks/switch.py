@@ -1,0 +1,166 @@
+"""Switching: first load, switch A->B, fuse A+B, unload — this package vs diffusers' LoRA path vs PEFT's SHiRA,
+plus the memory-traffic floor of a switch. SD 1.5-shaped UNet (random weights), adapters on its 160
+attention + FF linears: SHiRA 2 % density (fp16 values) vs LoRA rank 64.
+
+Usage: python -m benchmarks.switch [--smoke]
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .common import free, lora_file, median_ms, memory_bandwidth_gbs, parser, sd15_pipeline, shira_adapter, target_weights, write_result
+
+
+def floor_ms(files: list[Path], adapters, bandwidth_gbs: float) -> tuple[float, int]:
+    """Bytes a switch must move: the adapter files read + the 64-byte lines of the weights it touches
+    (read and written), over the measured copy bandwidth."""
+    lines = 0
+    for adapter in adapters:
+        for _, _, delta in adapter.items():
+            lines += torch.unique(delta.positions * 4 // 64).numel()  # fp32 weights: 16 per line
+    total = sum(f.stat().st_size for f in files) + 2 * 64 * lines
+    return total / (bandwidth_gbs * 1e9) * 1000, total
+
+
+def main() -> None:
+    args = parser(__doc__).parse_args()
+    repeats, rank = args.repeats, 4 if args.smoke else 64
+    pipe = sd15_pipeline(args.smoke)
+    unet = pipe.unet
+    work = Path(tempfile.mkdtemp(prefix="shira-bench-"))
+    a, b = shira_adapter(unet, seed=1), shira_adapter(unet, seed=2)
+    file_a, file_b = a.save(work / "a.safetensors"), b.save(work / "b.safetensors")
+    rows, notes = [], []
+
+    # -- this package --------------------------------------------------------------------------------
+    ours = {}
+    ours["first load"] = median_ms(lambda: pipe.load_shira_weights(file_a, adapter_name="A"), repeats, setup=lambda: pipe.unload_shira_weights())
+    pipe.unload_shira_weights()
+    pipe.load_shira_weights(file_a, adapter_name="A")
+    state = {"loaded": "A"}
+
+    def switch():  # unload the active adapter, load the other from its file
+        nxt = "B" if state["loaded"] == "A" else "A"
+        pipe.unload_shira_weights(state["loaded"])
+        pipe.load_shira_weights(file_b if nxt == "B" else file_a, adapter_name=nxt)
+        state["loaded"] = nxt
+
+    ours["switch A->B (unload A + load B from file)"] = median_ms(switch, repeats)
+    pipe.unload_shira_weights()
+    pipe.load_shira_weights(file_a, adapter_name="A")
+    pipe.load_shira_weights(file_b, adapter_name="B")
+    flip = {"on": "A"}
+
+    def preloaded():
+        flip["on"] = "B" if flip["on"] == "A" else "A"
+        pipe.set_shira_adapters(flip["on"])
+
+    ours["switch A->B (both loaded)"] = median_ms(preloaded, repeats)
+    ours["fuse A+B (0.6, 0.4)"] = median_ms(lambda: pipe.set_shira_adapters(["A", "B"], [0.6, 0.4]), repeats)
+    pipe.unload_shira_weights()
+    ours["unload"] = median_ms(lambda: pipe.unload_shira_weights(), repeats, setup=lambda: pipe.load_shira_weights(file_a, adapter_name="A"))
+    free()
+
+    # -- diffusers LoRA (pipeline level: load + fuse / unfuse + unload) --------------------------------
+    lora_a, lora_b = lora_file(unet, rank, work / "lora_a", 1), lora_file(unet, rank, work / "lora_b", 2)
+    lora = {}
+
+    def lora_load(path, name):
+        pipe.load_lora_weights(str(path.parent), adapter_name=name)
+        pipe.fuse_lora(adapter_names=[name])
+
+    def lora_unload():
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+
+    lora["first load"] = median_ms(lambda: lora_load(lora_a, "style_a"), repeats, setup=lambda: None if not pipe.get_list_adapters() else lora_unload())
+    lora_unload()
+    lora_load(lora_a, "style_a")
+    lstate = {"on": "style_a"}
+
+    def lora_switch():  # adapter names must not be "A"/"B": diffusers confuses them with lora_A / lora_B keys
+        nxt = "style_b" if lstate["on"] == "style_a" else "style_a"
+        lora_unload()
+        lora_load(lora_b if nxt == "style_b" else lora_a, nxt)
+        lstate["on"] = nxt
+
+    lora["switch A->B (unload A + load B from file)"] = median_ms(lora_switch, repeats)
+    lora_unload()
+
+    def lora_fuse_both():
+        pipe.unfuse_lora()
+        pipe.set_adapters(["style_a", "style_b"], [0.6, 0.4])
+        pipe.fuse_lora(adapter_names=["style_a", "style_b"])
+
+    pipe.load_lora_weights(str(lora_a.parent), adapter_name="style_a")
+    pipe.load_lora_weights(str(lora_b.parent), adapter_name="style_b")
+    lora["fuse A+B (0.6, 0.4)"] = median_ms(lora_fuse_both, repeats)
+    lora_unload()
+    lora["unload"] = median_ms(lora_unload, repeats, setup=lambda: lora_load(lora_a, "style_a"))
+    free()
+
+    # -- PEFT's SHiRA (PeftModel + merge_adapter / unmerge_adapter) -------------------------------------
+    from peft import PeftModel, ShiraConfig, get_peft_model
+
+    weights = target_weights(unet)
+    budget = sum(w.shape[0] * w.shape[1] for w in weights.values()) * 0.02 / sum(w.shape[0] + w.shape[1] for w in weights.values())
+    r = max(1, round(budget))
+    for seed, name in ((1, "peft_a"), (2, "peft_b")):
+        torch.manual_seed(seed)
+        model = get_peft_model(copy.deepcopy(unet), ShiraConfig(r=r, target_modules=[n.removesuffix(".weight") for n in weights], init_weights=False, random_seed=seed))
+        model.save_pretrained(str(work / name))
+        del model
+        free()
+    peft = {}
+    holder = {}
+
+    def peft_first():
+        holder["model"] = PeftModel.from_pretrained(unet, str(work / "peft_a"), adapter_name="A")
+        holder["model"].merge_adapter()
+
+    def peft_reset():
+        if "model" in holder:
+            holder.pop("model").unload()
+
+    peft["first load"] = median_ms(peft_first, max(3, repeats // 2), setup=peft_reset)
+    model = holder["model"]
+    pstate = {"on": "A"}
+
+    def peft_switch():
+        nxt = "B" if pstate["on"] == "A" else "A"
+        model.unmerge_adapter()
+        model.delete_adapter(pstate["on"])
+        model.load_adapter(str(work / ("peft_b" if nxt == "B" else "peft_a")), adapter_name=nxt)
+        model.set_adapter(nxt)
+        model.merge_adapter()
+        pstate["on"] = nxt
+
+    peft["switch A->B (unload A + load B from file)"] = median_ms(peft_switch, max(3, repeats // 2))
+    peft["unload"] = median_ms(lambda: model.unmerge_adapter(), 1, warmup=0)
+    model.unload()
+    notes.append(f"PEFT SHiRA uses r={r} (r*(m+n) entries per layer, {sum(r * (w.shape[0] + w.shape[1]) for w in weights.values()):,} in all) vs our 2 % density ({a.num_parameters:,}).")
+    notes.append(f"LoRA rank {rank} on the same {len(weights)} linears; diffusers {__import__('diffusers').__version__}, peft {__import__('peft').__version__}.")
+
+    bandwidth = memory_bandwidth_gbs(128 if args.smoke else 512)
+    floor, moved = floor_ms([file_b], [a, b], bandwidth)
+    for op in ours:
+        row = {"operation": op, "shira-diffusion ms": ours[op], "diffusers LoRA ms": lora.get(op, ""), "PEFT SHiRA ms": peft.get(op, "")}
+        if op in lora:
+            row["LoRA / ours"] = lora[op] / ours[op]
+        if op in peft:
+            row["PEFT / ours"] = peft[op] / ours[op]
+        rows.append(row)
+    switch = "switch A->B (unload A + load B from file)"
+    notes.append(f"memory floor of a switch: {moved / 1e6:.1f} MB (file read + 64-byte weight lines touched by A∪B, read and written) "
+                 f"at {bandwidth:.1f} GB/s copy bandwidth = {floor:.2f} ms; ours / floor = {ours[switch] / floor:.1f}x")
+    notes.append("targets: switch >= 60x faster than diffusers LoRA, >= 10x faster than PEFT SHiRA, within 2x of the floor")
+    write_result("switch", rows, args.out, notes, {"floor_ms": floor, "bandwidth_gbs": bandwidth, "parameters": a.num_parameters, "smoke": args.smoke})
+
+
+if __name__ == "__main__":
+    main()
