@@ -101,6 +101,7 @@ class StyleDataset(torch.utils.data.Dataset):
         path, caption = self.records[index]
         rng = random.Random(hash((self.seed, self.epoch, index)))
         image = Image.open(path).convert("RGB")
+        original_size = (image.height, image.width)  # SDXL micro-conditioning: the size before resizing
         scale = self.resolution / min(image.size)
         width, height = max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale))
         image = image.resize((width, height), Image.Resampling.BICUBIC)
@@ -112,7 +113,7 @@ class StyleDataset(torch.utils.data.Dataset):
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-        return {"pixel_values": pixels, "caption": caption, "original_size": (height, width), "crop_top_left": (top, left)}
+        return {"pixel_values": pixels, "caption": caption, "original_size": original_size, "crop_top_left": (top, left)}
 
 
 def collate(batch: list[dict]) -> dict:

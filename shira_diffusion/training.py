@@ -1,15 +1,25 @@
 """DreamBooth-style style training of SHiRA adapters (and a LoRA baseline in the same loop), on accelerate.
 
-Two SHiRA implementations:
-- `sparse` (default): only the masked values are parameters. Each target weight gets a parametrization
-  `W_eff = W_frozen + scatter(values)` (torch.nn.utils.parametrize), so the optimizer holds k values per
-  weight instead of the whole tensor. Weight decay applies to the values, i.e. pulls the weights toward
-  the base model (as LoRA's decay does to its factors).
+Two SHiRA implementations (`--impl`):
+- `sparse` (default): only the masked values are parameters. Each adapted Linear / Conv2d keeps its frozen
+  weight W0 and gets `shira_values` (k fp32 values) and `shira_positions`; its forward computes
+  op(x, W0 + scatter(values)) with a custom autograd function that saves only x (plus references to W0
+  and the k values) and rebuilds W0 + scatter(values) in backward. A parametrization (or PEFT's SHiRA layer)
+  instead hands the full effective weight to F.linear, which keeps it alive from forward to backward: one
+  extra full-size copy of every adapted weight for the whole step. Here at most one such copy exists at a
+  time, so activation memory is LoRA's or less (LoRA also keeps its rank-r intermediate), and the optimizer
+  holds only the values. The values are written with one rounding, fp32(W0[p]) + v -> weight dtype, as the
+  scatter engine loads an adapter, so the exported adapter reproduces the trained model bit for bit in fp32.
+  Weight decay applies to the values, i.e. pulls the weights toward the base model (as LoRA's does to A, B).
 - `hook`: the paper's "turn any trainer into SHiRA": the full target weights are trainable and a
-  `register_post_accumulate_grad_hook` zeroes their gradient outside the mask. Adam's moments then stay
-  zero there, so Adam never moves those weights; AdamW's decoupled weight decay would, so these weights sit
-  in a param group without decay and the same decay is applied by hand to (W - W0) at the mask positions.
-Both give the same adapter from the same seed and data, up to float reordering.
+  `register_post_accumulate_grad_hook` zeroes their gradient outside the mask (re-applied before each
+  optimizer step, so wrappers that write gradients back, e.g. DDP buckets, cannot undo it). Adam's moments
+  then stay exactly zero outside the mask and AdamW's update there is 0. AdamW's decoupled weight decay
+  would still shrink every weight with requires_grad, so these weights sit in a param group without decay and
+  the same decay is applied by hand to (W - W0) at the mask positions, before the step as AdamW does (and
+  undone when fp16 loss scaling skips the step). Needs fp32 target weights and plain data-parallel or
+  single-device training (not DeepSpeed / FSDP, which own the gradients).
+Both give the same adapter from the same seed and data, up to float reordering (tested).
 
 Usage:
     from shira_diffusion.training import TrainingConfig, train
@@ -30,7 +40,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .data import StyleDataset, collate, read_image_folder
 from .format import SHIRA_WEIGHT_NAME, ShiraAdapter, SparseDelta
@@ -39,11 +48,15 @@ from .masks import MASK_TYPES, build_masks
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+MASK_FILE = "masks.safetensors"
 
 
 @dataclass
 class TrainingConfig:
-    """Every `shira-diffusion train` flag; names and meanings follow diffusers' train_dreambooth_lora.py."""
+    """Every `shira-diffusion train` flag; names and meanings follow diffusers' train_dreambooth_lora.py.
+
+    Usage: TrainingConfig(pretrained_model_name_or_path="model/", train_data_dir="images/", mask="struct")
+    """
 
     pretrained_model_name_or_path: str
     train_data_dir: str
@@ -101,6 +114,10 @@ class TrainingConfig:
 
 @dataclass
 class TrainingResult:
+    """What `train` produced and measured. `losses` has one entry per optimizer step (mean over the
+    accumulated micro-batches and processes); `peak_memory_bytes` is torch.cuda.max_memory_allocated on GPU,
+    the process's max RSS on CPU; `steps_per_second` excludes validation and checkpoint saving."""
+
     adapter_path: Path
     output_dir: Path
     global_step: int
@@ -111,27 +128,26 @@ class TrainingResult:
 
 
 class ConfigError(ValueError):
-    """A training option is invalid; raised before anything is loaded or trained."""
+    """A training option is invalid; raised before anything is trained."""
 
 
 # ---- targets ------------------------------------------------------------------------------------------
 def find_targets(model: nn.Module, patterns: tuple[str, ...] | list[str], include_conv: bool = False) -> dict[str, nn.Module]:
-    """Modules whose name is a pattern or ends with '.'+pattern (Linear, and Conv2d with include_conv).
+    """Linear modules whose name is a pattern or ends with '.' + pattern, plus every Conv2d with include_conv.
 
+    Raises ConfigError naming the first pattern that matches no Linear layer.
     Usage: find_targets(unet, UNET_TARGETS)  -> {"down_blocks.1...attn1.to_q": Linear, ...}
     """
     found: dict[str, nn.Module] = {}
     matched = set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d) and include_conv:
+        if include_conv and isinstance(module, nn.Conv2d):
             found[name] = module
-            continue
-        if not isinstance(module, nn.Linear):
-            continue
-        for pattern in patterns:
-            if name == pattern or name.endswith("." + pattern):
-                found[name] = module
-                matched.add(pattern)
+        elif isinstance(module, nn.Linear):
+            for pattern in patterns:
+                if name == pattern or name.endswith("." + pattern):
+                    found[name] = module
+                    matched.add(pattern)
     unknown = [p for p in patterns if p not in matched]
     if unknown:
         raise ConfigError(f"target module {unknown[0]!r} matches no Linear layer of {type(model).__name__}")
@@ -139,39 +155,111 @@ def find_targets(model: nn.Module, patterns: tuple[str, ...] | list[str], includ
 
 
 # ---- SHiRA trainables -----------------------------------------------------------------------------------
-class SparseDeltaParametrization(nn.Module):
-    """W_eff = W + scatter(values at positions); only `values` is trainable."""
+def _effective_weight(weight: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A fresh W0 with W0[p] + v at the mask positions, summed in fp32 and rounded once (as the engine loads)."""
+    flat = weight.detach().reshape(-1)
+    accumulate = torch.promote_types(weight.dtype, torch.float32)
+    merged = (flat.index_select(0, positions).to(accumulate) + values.detach().to(accumulate)).to(weight.dtype)
+    return flat.clone().index_copy_(0, positions, merged).view(weight.shape)
 
-    def __init__(self, positions: torch.Tensor):
-        super().__init__()
-        self.register_buffer("positions", positions, persistent=False)
-        self.values = nn.Parameter(torch.zeros(positions.numel()))
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.flatten().index_add(0, self.positions, self.values.to(weight.dtype)).view_as(weight)
+class _SparseDeltaOp(torch.autograd.Function):
+    """y = linear/conv2d(x, W0 + scatter(values)); saves x, not the effective weight (rebuilt in backward)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, positions, values, conv):
+        device_type = x.device.type
+        # Under autocast (accelerate's mixed precision) compute in the autocast dtype like nn.Linear would.
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        w = _effective_weight(weight, positions, values).to(dtype)
+        xc, bc = x.to(dtype), None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            y = F.linear(xc, w, bc) if conv is None else F.conv2d(xc, w, bc, *conv)
+        ctx.save_for_backward(xc, weight, positions, values)
+        ctx.conv, ctx.dtype, ctx.x_dtype = conv, dtype, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, positions, values = ctx.saved_tensors
+        need_x, need_bias, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[4]
+        grad_output = grad_output.to(ctx.dtype)
+        grad_x = grad_values = grad_bias = None
+        if need_x:  # the effective weight's only use: rebuilt, used, dropped before dW exists
+            w = _effective_weight(weight, positions, values).to(ctx.dtype)
+            if ctx.conv is None:
+                grad_x = grad_output @ w
+            else:
+                grad_x = _conv_backward(grad_output, x, w, ctx.conv, (True, False, False))[0]
+            grad_x = grad_x.to(ctx.x_dtype)
+            del w
+        if need_values:  # dW does not depend on W; its one full-size transient yields the k entries kept
+            if ctx.conv is None:
+                grad_w = grad_output.reshape(-1, grad_output.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+            else:
+                grad_w = _conv_backward(grad_output, x, grad_output.new_empty(1).expand(weight.shape), ctx.conv, (False, True, False))[1]
+            grad_values = grad_w.reshape(-1).index_select(0, positions).to(values.dtype)
+            del grad_w
+        if need_bias:
+            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0) if ctx.conv is None else grad_output.sum((0, 2, 3))
+        return grad_x, None, grad_bias, None, grad_values, None
+
+
+def _conv_backward(grad_output, x, w, conv, mask):
+    stride, padding, dilation, groups = conv
+    return torch.ops.aten.convolution_backward(grad_output, x, w, None, stride, padding, dilation, False, [0] * len(stride), groups, list(mask))
+
+
+def _sparse_forward(module: nn.Module):
+    """The forward that replaces a Linear / Conv2d's own while its SHiRA values are trained."""
+    conv = None
+    if isinstance(module, nn.Conv2d):
+        conv = (tuple(module.stride), tuple(module.padding), tuple(module.dilation), module.groups)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return _SparseDeltaOp.apply(x, module.weight, module.bias, module.shira_positions, module.shira_values, conv)
+
+    return forward
 
 
 class ShiraTrainable:
     """The SHiRA part of one model under training: attach (sparse or hook), optimise, export deltas.
 
-    Usage: trainable = ShiraTrainable(unet, {"...to_q": positions}, impl="sparse"); trainable.deltas()
+    `positions` maps module names to sorted flat positions of their weight (see `masks.build_masks`).
+    Usage:
+        trainable = ShiraTrainable(unet, {"...attn1.to_q": positions}, impl="sparse")
+        optimizer = torch.optim.AdamW([trainable.param_group(1e-2)], lr=1e-4)
+        loss.backward(); trainable.decay_toward_base(lr, 1e-2); optimizer.step()
+        adapter = ShiraAdapter({"unet": trainable.deltas()})
     """
 
-    def __init__(self, model: nn.Module, positions: dict[str, torch.Tensor], impl: str):
-        self.model, self.impl, self.positions = model, impl, positions
+    def __init__(self, model: nn.Module, positions: dict[str, torch.Tensor], impl: str = "sparse"):
+        if impl not in ("sparse", "hook"):
+            raise ConfigError(f"--impl must be sparse or hook, got {impl!r}")
+        self.model, self.impl = model, impl
         self.modules = {name: model.get_submodule(name) for name in positions}
-        self.base_values: dict[str, torch.Tensor] = {}
+        self.positions: dict[str, torch.Tensor] = {}
+        self.base_values: dict[str, torch.Tensor] = {}  # hook: W0 at the mask positions (k values per weight)
+        self._before_decay: dict[str, torch.Tensor] = {}
         self.hooks = []
         for name, module in self.modules.items():
-            pos = positions[name].to(module.weight.device)
+            weight = module.weight
+            pos = positions[name].to(device=weight.device, dtype=torch.int64)
+            if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= weight.numel()):
+                raise ConfigError(f"{name}: mask positions outside a weight of {weight.numel()} entries")
             self.positions[name] = pos
             if impl == "sparse":
-                module.weight.requires_grad_(False)
-                parametrize.register_parametrization(module, "weight", SparseDeltaParametrization(pos).to(pos.device))
+                if not isinstance(module, (nn.Linear, nn.Conv2d)) or getattr(module, "padding_mode", "zeros") != "zeros" or isinstance(getattr(module, "padding", 0), str):
+                    raise ConfigError(f"{name}: --impl sparse supports Linear and zero-padded Conv2d layers; use --impl hook")
+                weight.requires_grad_(False)
+                module.register_buffer("shira_positions", pos, persistent=False)
+                module.register_parameter("shira_values", nn.Parameter(torch.zeros(pos.numel(), device=weight.device)))
+                module.forward = _sparse_forward(module)
             else:
-                weight = module.weight
+                if weight.dtype != torch.float32:
+                    raise ConfigError(f"{name}: --impl hook trains the full weight, which must be float32 (got {weight.dtype})")
                 weight.requires_grad_(True)
-                self.base_values[name] = weight.detach().view(-1).index_select(0, pos).float().clone()
+                self.base_values[name] = weight.detach().view(-1).index_select(0, pos).clone()
                 self.hooks.append(weight.register_post_accumulate_grad_hook(self._mask_gradient(pos)))
 
     @staticmethod
@@ -185,62 +273,159 @@ class ShiraTrainable:
         return hook
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of everything the optimizer trains: values (sparse) or full weights (hook)."""
         if self.impl == "sparse":
-            return [(f"{n}.values", m.parametrizations.weight[0].values) for n, m in self.modules.items()]
+            return [(f"{n}.shira_values", m.shira_values) for n, m in self.modules.items()]
         return [(f"{n}.weight", m.weight) for n, m in self.modules.items()]
 
+    @property
+    def num_parameters(self) -> int:
+        """Entries the adapter can change (k summed over weights), whichever impl."""
+        return sum(p.numel() for p in self.positions.values())
+
     def param_group(self, weight_decay: float) -> dict:
-        decay = weight_decay if self.impl == "sparse" else 0.0  # hook: decay applied by `decay_toward_base`
+        """An optimizer param group; the hook impl's has no decay (see `decay_toward_base`)."""
+        decay = weight_decay if self.impl == "sparse" else 0.0
         return {"params": [p for _, p in self.named_parameters()], "weight_decay": decay}
 
     @torch.no_grad()
     def decay_toward_base(self, lr: float, weight_decay: float) -> None:
-        """Hook impl: AdamW's decoupled decay, restricted to the mask and applied to W - W0."""
-        if self.impl != "hook" or weight_decay == 0:
+        """Hook impl, call after backward and before clipping / optimizer.step(): re-mask the gradients and
+        apply AdamW's decoupled decay to W - W0 at the mask positions only. No-op for the sparse impl."""
+        if self.impl != "hook":
             return
         for name, module in self.modules.items():
-            flat, pos = module.weight.data.view(-1), self.positions[name]
-            current = flat.index_select(0, pos)
-            delta = current.float() - self.base_values[name]
-            flat.index_copy_(0, pos, (current.float() - lr * weight_decay * delta).to(flat.dtype))
+            weight, pos = module.weight, self.positions[name]
+            if weight.grad is not None:
+                self._mask_gradient(pos)(weight)
+            if weight_decay:
+                flat = weight.data.view(-1)
+                current = flat.index_select(0, pos)
+                self._before_decay[name] = current
+                flat.index_copy_(0, pos, current - lr * weight_decay * (current - self.base_values[name]))
+
+    @torch.no_grad()
+    def undo_decay(self) -> None:
+        """Hook impl: restore the values `decay_toward_base` changed (when the optimizer skipped its step)."""
+        for name, values in self._before_decay.items():
+            self.modules[name].weight.data.view(-1).index_copy_(0, self.positions[name], values)
+        self._before_decay.clear()
 
     @torch.no_grad()
     def deltas(self) -> dict[str, SparseDelta]:
-        """The trained change per weight, as SparseDeltas in fp32 (keyed by parameter name)."""
+        """The trained change per weight, as fp32 SparseDeltas keyed by parameter name ("<module>.weight")."""
         result = {}
         for name, module in self.modules.items():
             pos = self.positions[name]
             if self.impl == "sparse":
-                values = module.parametrizations.weight[0].values.detach().float()
-                shape = module.parametrizations.weight.original.shape
+                values = module.shira_values.detach().float()
             else:
-                values = module.weight.detach().view(-1).index_select(0, pos).float() - self.base_values[name]
-                shape = module.weight.shape
-            result[f"{name}.weight"] = SparseDelta(tuple(shape), pos.cpu(), values.cpu())
+                values = module.weight.detach().view(-1).index_select(0, pos).float() - self.base_values[name].float()
+            result[f"{name}.weight"] = SparseDelta(tuple(module.weight.shape), pos.cpu(), values.cpu())
         return result
 
+    export = deltas
+
+    @torch.no_grad()
     def remove(self) -> None:
-        """Detach from the model, leaving the trained weights in place (W0 + delta)."""
+        """Detach from the model, leaving the trained weights in place (W0 + delta, rounded once)."""
         for hook in self.hooks:
             hook.remove()
-        if self.impl == "sparse":
-            for module in self.modules.values():
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        self.hooks.clear()
+        for name, module in self.modules.items():
+            if self.impl == "sparse" and "shira_values" in module._parameters:
+                module.weight.data = _effective_weight(module.weight, module.shira_positions, module.shira_values)
+                del module.forward, module._parameters["shira_values"], module._buffers["shira_positions"]
+            module.weight.requires_grad_(False)
+
+
+class LoraTrainable:
+    """A LoRA of `rank` on exactly the given modules, through PEFT (`model.add_adapter(LoraConfig(...))`,
+    diffusers' training-script recipe), with the same interface as ShiraTrainable.
+
+    Usage: trainable = LoraTrainable(unet, sorted(find_targets(unet, UNET_TARGETS)), rank=64)
+    """
+
+    impl = "lora"
+
+    def __init__(self, model: nn.Module, module_names: list[str], rank: int):
+        from peft import LoraConfig
+
+        if rank <= 0:
+            raise ConfigError(f"--rank must be a positive integer, got {rank}")
+        self.model, self.rank = model, rank
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(module_names)))
+        self._named = [(n, p) for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return list(self._named)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for _, p in self._named)
+
+    def param_group(self, weight_decay: float) -> dict:
+        return {"params": [p for _, p in self._named], "weight_decay": weight_decay}
+
+    def decay_toward_base(self, lr: float, weight_decay: float) -> None:
+        """Nothing to do: AdamW's own decay acts on the LoRA factors."""
+
+    def undo_decay(self) -> None:
+        """Nothing to do."""
+
+    def export(self) -> dict[str, torch.Tensor]:
+        """PEFT-keyed LoRA state dict (`...to_q.lora_A.weight`), as diffusers' save_lora_weights expects."""
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model)
+
+    def config_dict(self) -> dict:
+        return self.model.peft_config["default"].to_dict()
 
 
 def attach_lora(model: nn.Module, module_names: list[str], rank: int) -> list[nn.Parameter]:
-    """A LoRA of `rank` on exactly these modules, through PEFT (diffusers' training-script recipe)."""
-    from peft import LoraConfig
+    """A LoRA of `rank` on exactly these modules; returns its trainable parameters."""
+    return [p for _, p in LoraTrainable(model, module_names, rank).named_parameters()]
 
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=module_names))
-    return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+
+def prepare_trainable(
+    model: nn.Module,
+    adapter: str = "shira",
+    *,
+    impl: str = "sparse",
+    positions: dict[str, torch.Tensor] | None = None,
+    rank: int | None = None,
+    target_modules: tuple[str, ...] | list[str] = UNET_TARGETS,
+    include_conv: bool = False,
+) -> ShiraTrainable | LoraTrainable:
+    """Make `model` trainable as the trainer does, without any data loading (for benchmarks and tests).
+
+    SHiRA: `positions` per module name (from `masks.build_masks`), or, if omitted, a `rand` mask with the
+    budget of a rank-`rank` LoRA (r·(m+n) per weight) on `target_modules`. LoRA: rank `rank` on the same
+    modules. Returns an object with `named_parameters()`, `num_parameters`, `param_group(weight_decay)`,
+    `decay_toward_base(lr, weight_decay)` (call between backward and optimizer.step) and `export()`.
+    Usage:
+        trainable = prepare_trainable(unet, "shira", impl="sparse", rank=64)
+        optimizer = torch.optim.AdamW([trainable.param_group(1e-2)], lr=1e-4)
+        ShiraAdapter({"unet": trainable.export()}).save("a.safetensors")
+    """
+    if adapter not in ("shira", "lora"):
+        raise ConfigError(f"--adapter must be shira or lora, got {adapter!r}")
+    if positions is None or adapter == "lora":
+        targets = find_targets(model, tuple(target_modules), include_conv)
+        if adapter == "lora":
+            return LoraTrainable(model, sorted(targets), rank or 64)
+        if rank is None:
+            raise ConfigError("prepare_trainable: give positions or a rank for the SHiRA budget")
+        positions = build_masks({n: m.weight for n, m in targets.items()}, "rand", r=rank, seed=0)
+    return ShiraTrainable(model, positions, impl)
 
 
 # ---- the run --------------------------------------------------------------------------------------------
 def validate_config(config: TrainingConfig) -> None:
-    """Every check that can fail before loading a model."""
-    if config.resolution % 8:
-        raise ConfigError(f"--resolution must be a multiple of 8, got {config.resolution}")
+    """Every check that can fail before loading a model; raises ConfigError / FileNotFoundError."""
+    if config.resolution <= 0 or config.resolution % 8:
+        raise ConfigError(f"--resolution must be a positive multiple of 8, got {config.resolution}")
     if config.adapter not in ("shira", "lora"):
         raise ConfigError(f"--adapter must be shira or lora, got {config.adapter!r}")
     if config.mask not in MASK_TYPES:
@@ -249,8 +434,10 @@ def validate_config(config: TrainingConfig) -> None:
         raise ConfigError(f"--impl must be sparse or hook, got {config.impl!r}")
     if not 0 < config.density <= 1:
         raise ConfigError(f"--density must be in (0, 1], got {config.density}")
-    if config.shira_r is not None and config.shira_r <= 0:
-        raise ConfigError(f"--shira_r must be positive, got {config.shira_r}")
+    for name in ("shira_r", "rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "calibration_batches"):
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name} must be a positive integer, got {value}")
     if config.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise ConfigError(f"--mixed_precision must be no, fp16 or bf16, got {config.mixed_precision!r}")
     if config.with_prior_preservation and (not config.class_data_dir or not config.class_prompt):
@@ -262,57 +449,68 @@ def validate_config(config: TrainingConfig) -> None:
             raise ConfigError("--use_8bit_adam needs bitsandbytes (pip install bitsandbytes)") from None
     if config.max_train_steps is None and config.num_train_epochs < 1:
         raise ConfigError("give --max_train_steps or --num_train_epochs >= 1")
+    model = config.pretrained_model_name_or_path
+    if not Path(model).is_dir() and (model.startswith(("/", "./", "../", "~")) or Path(model).exists()):
+        raise FileNotFoundError(f"{model}: no such model folder (give a diffusers model folder or a Hub id)")
+    if config.resume_from_checkpoint and config.resume_from_checkpoint != "latest":
+        _find_checkpoint(Path(config.output_dir), config.resume_from_checkpoint)
 
 
 def _load_models(config: TrainingConfig, model_path: str):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, PretrainedConfig
+    """Tokenizers, text encoders, VAE, UNet and a DDPMScheduler from `model_path` (diffusers' script layout)."""
+    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
-    def text_encoder(subfolder: str):
-        cls_name = PretrainedConfig.from_pretrained(model_path, subfolder=subfolder, revision=config.revision).architectures[0]
-        import transformers
+    index = DiffusionPipeline.load_config(model_path, revision=config.revision)
+    if "unet" not in index:
+        raise ConfigError(f"{model_path}: {index.get('_class_name')} has no UNet; the trainer supports SD 1.x/2.x and SDXL")
+    is_sdxl = "text_encoder_2" in index and index.get("text_encoder_2", [None])[0] is not None
+    kw = {"revision": config.revision}
 
-        return getattr(transformers, cls_name).from_pretrained(model_path, subfolder=subfolder, revision=config.revision, variant=config.variant)
+    def text_encoder(subfolder: str, default: str):
+        architectures = transformers.PretrainedConfig.from_pretrained(model_path, subfolder=subfolder, **kw).architectures
+        model_class = getattr(transformers, (architectures or [default])[0])
+        return model_class.from_pretrained(model_path, subfolder=subfolder, variant=config.variant, **kw)
 
-    is_sdxl = (Path(model_path) / "text_encoder_2").is_dir() if Path(model_path).is_dir() else False
-    if not Path(model_path).is_dir():
-        from diffusers import DiffusionPipeline
-
-        is_sdxl = "text_encoder_2" in DiffusionPipeline.load_config(model_path, revision=config.revision)
     suffixes = ["", "_2"] if is_sdxl else [""]
-    tokenizers = [AutoTokenizer.from_pretrained(model_path, subfolder=f"tokenizer{s}", revision=config.revision) for s in suffixes]
-    text_encoders = [text_encoder(f"text_encoder{s}") for s in suffixes]
-    vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", revision=config.revision, variant=config.variant)
-    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", revision=config.revision, variant=config.variant)
-    noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", revision=config.revision)
+    tokenizers = [transformers.AutoTokenizer.from_pretrained(model_path, subfolder=f"tokenizer{s}", **kw) for s in suffixes]
+    defaults = ["CLIPTextModel", "CLIPTextModelWithProjection"]
+    text_encoders = [text_encoder(f"text_encoder{s}", d) for s, d in zip(suffixes, defaults)]
+    vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", variant=config.variant, **kw)
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", variant=config.variant, **kw)
+    noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw)
     return is_sdxl, tokenizers, text_encoders, vae, unet, noise_scheduler
 
 
 def _encode_prompts(captions, tokenizers, text_encoders, is_sdxl):
+    """SD: the last hidden state. SDXL: both encoders' penultimate hidden states, concatenated, and the
+    second encoder's pooled projection (as diffusers' SDXL scripts)."""
     embeddings, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, text_encoders):
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
         output = encoder(ids.to(encoder.device), output_hidden_states=is_sdxl)
         if is_sdxl:
             embeddings.append(output.hidden_states[-2])
-            pooled = output[0]  # text_encoder_2's projected pooled output
+            pooled = output[0]
         else:
             embeddings.append(output[0])
     return torch.cat(embeddings, dim=-1), pooled
 
 
-def _generate_class_images(config: TrainingConfig, model_path: str) -> None:
+def _generate_class_images(config: TrainingConfig, model_path: str, device: torch.device) -> None:
+    """DreamBooth prior preservation: fill class_data_dir up to num_class_images with base-model images."""
     from diffusers import DiffusionPipeline
 
     folder = Path(config.class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    existing = [p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
+    existing = [p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp")]
     missing = config.num_class_images - len(existing)
     if missing <= 0:
         return
-    pipe = DiffusionPipeline.from_pretrained(model_path, revision=config.revision, variant=config.variant)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe = DiffusionPipeline.from_pretrained(model_path, revision=config.revision, variant=config.variant, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
     for index in range(missing):
         image = pipe(config.class_prompt, generator=generator, height=config.resolution, width=config.resolution).images[0]
         image.save(folder / f"class_{len(existing) + index:05d}.png")
@@ -341,58 +539,80 @@ def _collate_pairs(batch):
 
 
 def train(config: TrainingConfig) -> TrainingResult:
-    """Run one training job; returns where the adapter went and what was measured."""
+    """Run one training job (SHiRA or the LoRA baseline); returns where the adapter went and what was measured.
+
+    Usage: result = train(TrainingConfig(pretrained_model_name_or_path="model/", train_data_dir="img/", output_dir="out"))
+    """
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import compute_snr
     from tqdm.auto import tqdm
 
+    # 1. Everything that can be checked before loading a model.
     validate_config(config)
     records = read_image_folder(config.train_data_dir, config.instance_prompt)
+    class_records = []
+    if config.with_prior_preservation and Path(config.class_data_dir).is_dir() and any(Path(config.class_data_dir).iterdir()):
+        class_records = read_image_folder(config.class_data_dir, config.class_prompt)  # errors early, before generation
     output_dir = Path(config.output_dir)
+    # accelerate keeps one AcceleratorState per process; forget a previous train() call's precision / plugins
+    # so that several runs (tests, sweeps, the demo) can differ. The process group (PartialState) is kept.
+    if getattr(AcceleratorState, "_shared_state", None) and hasattr(AcceleratorState, "_reset_state"):
+        AcceleratorState._reset_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)),
     )
+    if config.adapter == "shira" and config.impl == "hook" and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise ConfigError("--impl hook masks .grad of full weights, which DeepSpeed / FSDP own; use --impl sparse")
     set_seed(config.seed)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     model_path = config.pretrained_model_name_or_path
-    if config.with_prior_preservation and accelerator.is_main_process:
-        _generate_class_images(config, model_path)
-    accelerator.wait_for_everyone()
 
+    # 2. Models: frozen in the compute dtype; trainable SHiRA values / LoRA factors stay fp32. The hook impl
+    # trains full weights, which must stay fp32 (autocast still computes in fp16 / bf16).
     is_sdxl, tokenizers, text_encoders, vae, unet, noise_scheduler = _load_models(config, model_path)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for model in (vae, unet, *text_encoders):
-        model.requires_grad_(False)
-    # Frozen weights in the compute dtype; trainable SHiRA values / LoRA factors stay fp32. The hook impl
-    # trains the full target weights, which must stay fp32.
     keep_fp32 = config.adapter == "shira" and config.impl == "hook"
     for model in (vae, unet, *text_encoders):
-        dtype = torch.float32 if keep_fp32 and model is not vae else weight_dtype
+        model.requires_grad_(False)
         model.to(accelerator.device)
-        if model.dtype != dtype:  # .to(dtype) only when it changes anything (diffusers warns on every cast)
+        dtype = torch.float32 if keep_fp32 and model is not vae else weight_dtype
+        if model.dtype != dtype:  # only when it changes anything (diffusers warns on every cast)
             model.to(dtype=dtype)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            for encoder in text_encoders:  # non-reentrant: the trainable values are not inputs of the blocks
+                if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5
+                    encoder.activation_checkpointing_enable({"use_reentrant": False})
+                else:
+                    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    # Targets per component, validated before any work.
     components = {"unet": unet}
     if config.train_text_encoder:
         components.update({f"text_encoder{s}": te for s, te in zip(["", "_2"], text_encoders)})
     targets = {}
     for name, model in components.items():
-        patterns = config.target_modules if name == "unet" and config.target_modules else (UNET_TARGETS if name == "unet" else TEXT_ENCODER_TARGETS)
+        patterns = (config.target_modules or UNET_TARGETS) if name == "unet" else TEXT_ENCODER_TARGETS
         targets[name] = find_targets(model, tuple(patterns), include_conv=config.target_conv and name == "unet")
 
+    # 3. Data. The sampler's generator is reseeded per epoch and augmentations are seeded by (seed, epoch,
+    # index), so a resumed run sees exactly the batches of an uninterrupted one.
+    if config.with_prior_preservation:
+        if accelerator.is_main_process:
+            _generate_class_images(config, model_path, accelerator.device)
+        accelerator.wait_for_everyone()
+        class_records = [(path, config.class_prompt) for path, _ in read_image_folder(config.class_data_dir, config.class_prompt)]
     dataset = StyleDataset(records, config.resolution, config.center_crop, config.random_flip, config.seed)
     if config.with_prior_preservation:
-        class_records = read_image_folder(config.class_data_dir, config.class_prompt)
-        class_records = [(path, config.class_prompt) for path, _ in class_records]
         dataset = _PriorPairs(dataset, StyleDataset(class_records, config.resolution, config.center_crop, config.random_flip, config.seed + 1))
-    order = torch.Generator().manual_seed(config.seed)  # reseeded per epoch: resumed runs see the same order
+    order = torch.Generator().manual_seed(config.seed)
     dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=config.train_batch_size,
@@ -402,9 +622,11 @@ def train(config: TrainingConfig) -> TrainingResult:
     )
 
     def diffusion_loss(batch, noise_generator) -> torch.Tensor:
-        pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
+        """The DreamBooth noise-prediction loss of one batch (Min-SNR weighting and prior term when asked)."""
+        pixels = batch["pixel_values"].to(accelerator.device, dtype=vae.dtype)
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample(generator=noise_generator) * vae.config.scaling_factor
+        latents = latents.to(weight_dtype)
         noise = torch.randn(latents.shape, generator=noise_generator, device=latents.device, dtype=latents.dtype)
         if config.noise_offset:
             offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=noise_generator, device=latents.device)
@@ -414,7 +636,7 @@ def train(config: TrainingConfig) -> TrainingResult:
         with torch.set_grad_enabled(config.train_text_encoder and torch.is_grad_enabled()):
             hidden, pooled = _encode_prompts(batch["captions"], tokenizers, text_encoders, is_sdxl)
         extra = {}
-        if is_sdxl:
+        if is_sdxl:  # micro-conditioning: original size, crop top-left, target size
             time_ids = [list(size) + list(crop) + [config.resolution, config.resolution] for size, crop in zip(batch["original_sizes"], batch["crops_top_left"])]
             extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.tensor(time_ids, device=latents.device, dtype=hidden.dtype)}
         prediction = unet(noisy, timesteps, hidden, **extra).sample
@@ -434,142 +656,169 @@ def train(config: TrainingConfig) -> TrainingResult:
             loss = loss + config.prior_loss_weight * F.mse_loss(prior_prediction.float(), prior_target.float())
         return loss
 
-    # Masks: computed once and stored with the run, so a resumed run trains exactly the same positions.
+    # 4. Masks (computed once and stored with the run, so a resumed run trains exactly the same positions)
+    # and trainables.
     output_dir.mkdir(parents=True, exist_ok=True)
-    mask_file = output_dir / "masks.safetensors"
-    trainables: dict[str, ShiraTrainable] = {}
     if config.adapter == "shira":
-        from safetensors.torch import load_file, save_file
-
-        if config.resume_from_checkpoint and mask_file.is_file():
-            stored = load_file(str(mask_file))
-            masks = {c: {n: stored[f"{c}::{n}"] for n in targets[c]} for c in targets}
-        else:
-            gradients = _calibration_gradients(config, targets, dataloader, diffusion_loss, accelerator) if config.mask in ("grad", "snip") else {}
-            masks = {
-                c: build_masks(
-                    {n: m.weight for n, m in targets[c].items()}, config.mask, density=config.density, r=config.shira_r,
-                    seed=config.seed, gradients=gradients.get(c),
-                )
-                for c in targets
-            }
-            if accelerator.is_main_process:
-                save_file({f"{c}::{n}": p.contiguous() for c in masks for n, p in masks[c].items()}, str(mask_file))
+        masks = _load_or_build_masks(config, targets, output_dir, dataloader, diffusion_loss, accelerator)
         trainables = {c: ShiraTrainable(components[c], masks[c], config.impl) for c in targets}
-        named = [(f"{c}::{n}", p) for c, t in trainables.items() for n, p in t.named_parameters()]
-        groups = [t.param_group(config.adam_weight_decay) for t in trainables.values()]
     else:
-        named = []
-        for c, model in components.items():
-            named += [(f"{c}::{i}", p) for i, p in enumerate(attach_lora(model, sorted(targets[c]), config.rank))]
-        groups = [{"params": [p for _, p in named], "weight_decay": config.adam_weight_decay}]
-    trainable_parameters = sum(p.numel() for _, p in named)
+        trainables = {c: LoraTrainable(components[c], sorted(targets[c]), config.rank) for c in targets}
+    named = [(f"{c}::{n}", p) for c, t in trainables.items() for n, p in t.named_parameters()]
+    trainable_parameters = sum(t.num_parameters for t in trainables.values())
 
+    # 5. Optimizer, schedule, accelerate.
     optimizer_class = torch.optim.AdamW
     if config.use_8bit_adam:
         import bitsandbytes as bnb
 
         optimizer_class = bnb.optim.AdamW8bit
+    groups = [t.param_group(config.adam_weight_decay) for t in trainables.values()]
     optimizer = optimizer_class(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
-    updates_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)
-    max_steps = config.max_train_steps or config.num_train_epochs * updates_per_epoch
-    epochs = math.ceil(max_steps / updates_per_epoch)
+    batches_per_process = math.ceil(len(dataloader) / accelerator.num_processes)  # prepare() shards the loader
+    max_steps = config.max_train_steps or config.num_train_epochs * math.ceil(batches_per_process / config.gradient_accumulation_steps)
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer=optimizer,
         num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes, num_training_steps=max_steps * accelerator.num_processes,
     )
-    prepared = accelerator.prepare(unet, *[components[c] for c in components if c != "unet"], optimizer, dataloader, lr_scheduler)
-    unet, optimizer, dataloader, lr_scheduler = prepared[0], prepared[-3], prepared[-2], prepared[-1]
-    noise_generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + 1)
+    models = list(components.values())
+    prepared = accelerator.prepare(*models, optimizer, dataloader, lr_scheduler)
+    models, (optimizer, dataloader, lr_scheduler) = list(prepared[: len(models)]), prepared[len(models):]
+    unet = models[0]
+    updates_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)
+    epochs = math.ceil(max_steps / updates_per_epoch)
+    noise_generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + 1 + 1000 * accelerator.process_index)
 
-    # Checkpoints hold only what training changes (not the frozen base model): the trainable tensors and
-    # the noise generator; accelerate adds optimizer, scheduler and RNG states.
-    def save_hook(models, weights, directory):
+    # Checkpoints hold only what training changes (not the frozen base model): the trainable tensors and the
+    # noise generator; accelerate adds optimizer, scheduler, sampler and RNG states.
+    def save_hook(hooked_models, weights, directory):
         from safetensors.torch import save_file
 
         weights.clear()
-        state = {name: p.detach().contiguous() for name, p in named}
-        state["__noise_generator__"] = noise_generator.get_state()
-        save_file(state, str(Path(directory) / "trainable.safetensors"))
+        if accelerator.is_main_process:
+            save_file({name: p.detach().contiguous() for name, p in named}, str(Path(directory) / "trainable.safetensors"))
+        save_file({"state": noise_generator.get_state()}, str(Path(directory) / f"noise_generator_{accelerator.process_index}.safetensors"))
 
-    def load_hook(models, directory):
+    def load_hook(hooked_models, directory):
         from safetensors.torch import load_file
 
-        models.clear()
+        hooked_models.clear()
         state = load_file(str(Path(directory) / "trainable.safetensors"))
+        missing = [name for name, _ in named if name not in state]
+        if missing:
+            raise ConfigError(f"{directory}: checkpoint does not match this run (no {missing[0]!r}); same --adapter / --mask / targets?")
         with torch.no_grad():
             for name, p in named:
                 p.copy_(state[name])
-        noise_generator.set_state(state["__noise_generator__"])
+        noise_generator.set_state(load_file(str(Path(directory) / f"noise_generator_{accelerator.process_index}.safetensors"))["state"])
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
     global_step, first_epoch, skip_batches = 0, 0, 0
-    if config.resume_from_checkpoint:
-        checkpoint = _find_checkpoint(output_dir, config.resume_from_checkpoint)
+    checkpoint = _find_checkpoint(output_dir, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
+    if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         global_step = int(checkpoint.name.split("-")[1])
         first_epoch = global_step // updates_per_epoch
         skip_batches = (global_step % updates_per_epoch) * config.gradient_accumulation_steps
+    elif config.resume_from_checkpoint:
+        accelerator.print(f"no checkpoint in {output_dir}; starting a new run")
 
+    # 6. The loop.
     if accelerator.is_main_process:
         accelerator.init_trackers("shira-diffusion", config={k: str(v) for k, v in asdict(config).items()})
     progress = tqdm(range(max_steps), initial=global_step, desc="training", disable=not accelerator.is_local_main_process)
     losses: list[float] = []
-    start, steps_timed = time.perf_counter(), 0
+    step_loss = torch.zeros((), device=accelerator.device)
+    train_seconds, steps_timed, tick = 0.0, 0, time.perf_counter()
     for epoch in range(first_epoch, epochs):
         order.manual_seed(config.seed + epoch)
         dataset.set_epoch(epoch)
         batches = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == first_epoch and skip_batches else dataloader
-        unet.train()
+        for model in models:
+            model.train()
         for batch in batches:
-            with accelerator.accumulate(unet):
+            with accelerator.accumulate(*models):
                 loss = diffusion_loss(batch, noise_generator)
                 accelerator.backward(loss)
+                step_loss += loss.detach() / config.gradient_accumulation_steps
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_([p for _, p in named], config.max_grad_norm)
-                    for trainable in trainables.values():
+                    for trainable in trainables.values():  # hook impl: re-mask gradients, masked weight decay
                         trainable.decay_toward_base(optimizer.param_groups[0]["lr"], config.adam_weight_decay)
+                    accelerator.clip_grad_norm_([p for _, p in named], config.max_grad_norm)
                 optimizer.step()
+                if accelerator.sync_gradients and accelerator.optimizer_step_was_skipped:
+                    for trainable in trainables.values():
+                        trainable.undo_decay()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            steps_timed += 1
-            losses.append(float(accelerator.gather(loss.detach()).mean()))
+            losses.append(float(accelerator.gather(step_loss).mean()))
+            step_loss.zero_()
+            lr = lr_scheduler.get_last_lr()[0]
             progress.update(1)
-            progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-            accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
-            if accelerator.is_main_process and config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-                _prune_checkpoints(output_dir, config.checkpoints_total_limit)
+            progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
+            accelerator.log({"loss": losses[-1], "lr": lr}, step=global_step)
+            train_seconds, steps_timed = train_seconds + time.perf_counter() - tick, steps_timed + 1
             if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+                if accelerator.is_main_process:
+                    _prune_checkpoints(output_dir, config.checkpoints_total_limit)
                 accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
-            if config.validation_prompt and config.validation_steps and global_step % config.validation_steps == 0:
+            if config.validation_prompt and config.validation_steps and global_step % config.validation_steps == 0 and global_step < max_steps:
                 _validate(config, accelerator, model_path, unet, text_encoders, vae, global_step, weight_dtype)
+            tick = time.perf_counter()
             if global_step >= max_steps:
                 break
         if global_step >= max_steps:
             break
-    elapsed = time.perf_counter() - start
     progress.close()
 
+    # 7. Final validation, adapter, model card.
     accelerator.wait_for_everyone()
     if config.validation_prompt:
         _validate(config, accelerator, model_path, unet, text_encoders, vae, global_step, weight_dtype)
-    adapter_path = _save_adapter(config, accelerator, components, trainables, is_sdxl, global_step)
+    adapter_path = _save_adapter(config, accelerator, trainables, is_sdxl, global_step)
     accelerator.end_training()
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return TrainingResult(adapter_path, output_dir, global_step, trainable_parameters, losses, peak, steps_timed / max(elapsed, 1e-9))
+    return TrainingResult(adapter_path, output_dir, global_step, trainable_parameters, losses, peak, steps_timed / max(train_seconds, 1e-9))
+
+
+def _load_or_build_masks(config, targets, output_dir, dataloader, diffusion_loss, accelerator) -> dict[str, dict[str, torch.Tensor]]:
+    """{component: {module name: positions}}; reused from output_dir/masks.safetensors when resuming."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    mask_file = output_dir / MASK_FILE
+    settings = {"mask": config.mask, "density": str(config.density), "shira_r": str(config.shira_r), "seed": str(config.seed)}
+    if config.resume_from_checkpoint and mask_file.is_file():
+        with safe_open(str(mask_file), "pt") as handle:
+            stored = handle.metadata() or {}
+            different = [k for k, v in settings.items() if stored.get(k, v) != v]
+            if different:
+                raise ConfigError(f"{mask_file}: made with --{different[0]} {stored[different[0]]}, this run has {settings[different[0]]}")
+            keys = set(handle.keys())
+            missing = [f"{c}::{n}" for c in targets for n in targets[c] if f"{c}::{n}" not in keys]
+            if missing:
+                raise ConfigError(f"{mask_file}: no mask for {missing[0]} (different --target_modules?)")
+            return {c: {n: handle.get_tensor(f"{c}::{n}") for n in targets[c]} for c in targets}
+    gradients = _calibration_gradients(config, targets, dataloader, diffusion_loss, accelerator) if config.mask in ("grad", "snip") else {}
+    masks = {}
+    for c in targets:
+        weights = {n: m.weight for n, m in targets[c].items()}
+        masks[c] = build_masks(weights, config.mask, density=config.density, r=config.shira_r, seed=config.seed, gradients=gradients.get(c))
+        gradients.pop(c, None)  # free this component's |grad| sums before the next one's masks
+    if accelerator.is_main_process:
+        save_file({f"{c}::{n}": p.contiguous() for c in masks for n, p in masks[c].items()}, str(mask_file), metadata=settings)
+    return masks
 
 
 def _calibration_gradients(config, targets, dataloader, diffusion_loss, accelerator) -> dict[str, dict[str, torch.Tensor]]:
-    """Accumulated |dL/dW| per target weight over a few batches of training data, on the base model.
-
-    Each weight's gradient is folded into its accumulator as soon as it is complete and then dropped, so no
-    full-model gradient stays alive.
-    """
+    """Accumulated |dL/dW| per target weight over `calibration_batches` batches of the training data, on the
+    base model. Each weight's gradient is folded into its fp32 accumulator as soon as it is complete and then
+    dropped, so besides the accumulators at most the gradients of one backward's in-flight layers exist."""
     sums = {c: {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in mods.items()} for c, mods in targets.items()}
     handles = []
     for c, mods in targets.items():
@@ -582,42 +831,47 @@ def _calibration_gradients(config, targets, dataloader, diffusion_loss, accelera
 
             handles.append(module.weight.register_post_accumulate_grad_hook(fold))
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + 2)
-    for index, batch in enumerate(dataloader):
-        if index >= config.calibration_batches:
-            break
-        diffusion_loss(batch, generator).backward()
-    for handle in handles:
-        handle.remove()
-    for mods in targets.values():
-        for module in mods.values():
-            module.weight.requires_grad_(False)
+    # fp16 gradients of a loss ~0.1 underflow; top-k only needs the ranking, so a constant scale is free.
+    scale = 256.0 if any(m.weight.dtype == torch.float16 for mods in targets.values() for m in mods.values()) else 1.0
+    try:
+        with accelerator.autocast():
+            for index, batch in enumerate(dataloader):
+                if index >= config.calibration_batches:
+                    break
+                (diffusion_loss(batch, generator) * scale).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for mods in targets.values():
+            for module in mods.values():
+                module.weight.requires_grad_(False)
     return sums
 
 
-def _find_checkpoint(output_dir: Path, which: str) -> Path:
+def _find_checkpoint(output_dir: Path, which: str) -> Path | None:
+    """`which` as a folder (or a name inside output_dir); 'latest' -> the highest checkpoint-N or None."""
     if which != "latest":
         path = Path(which)
         path = path if path.is_dir() else output_dir / which
-        if not path.is_dir():
-            raise FileNotFoundError(f"{which}: no such checkpoint folder")
+        if not path.is_dir() or not path.name.startswith("checkpoint-"):
+            raise FileNotFoundError(f"{which}: no such checkpoint folder (expected output_dir/checkpoint-N or 'latest')")
         return path
-    found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    if not found:
-        raise FileNotFoundError(f"{output_dir}: no checkpoint-* folder to resume from")
-    return found[-1]
+    found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if output_dir.is_dir() else []
+    return found[-1] if found else None
 
 
 def _prune_checkpoints(output_dir: Path, limit: int | None) -> None:
+    """Keep at most limit - 1 checkpoints, making room for the one about to be written."""
     if not limit:
         return
     found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    for old in found[: max(0, len(found) - limit + 1)]:  # room for the one about to be written
+    for old in found[: max(0, len(found) - limit + 1)]:
         shutil.rmtree(old)
 
 
 @torch.no_grad()
 def _validate(config, accelerator, model_path, unet, text_encoders, vae, step, weight_dtype) -> list:
-    """Generate validation images with the live model; write PNGs and log them."""
+    """Images for --validation_prompt from the live model: PNGs in output_dir/validation and TensorBoard."""
     if not accelerator.is_main_process:
         return []
     from diffusers import DiffusionPipeline
@@ -625,14 +879,18 @@ def _validate(config, accelerator, model_path, unet, text_encoders, vae, step, w
     extra = {"text_encoder": accelerator.unwrap_model(text_encoders[0])}
     if len(text_encoders) > 1:
         extra["text_encoder_2"] = accelerator.unwrap_model(text_encoders[1])
-    pipe = DiffusionPipeline.from_pretrained(model_path, unet=accelerator.unwrap_model(unet), vae=vae, revision=config.revision, variant=config.variant, **extra)
+    kwargs = {"unet": accelerator.unwrap_model(unet), "vae": vae, "revision": config.revision, "variant": config.variant, "torch_dtype": weight_dtype}
+    if "safety_checker" in DiffusionPipeline.load_config(model_path, revision=config.revision):
+        kwargs.update(safety_checker=None, requires_safety_checker=False)  # images for the log: skip loading the checker
+    pipe = DiffusionPipeline.from_pretrained(model_path, **kwargs, **extra)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
-    images = [
-        pipe(config.validation_prompt, num_inference_steps=config.validation_inference_steps, generator=generator,
-             height=config.resolution, width=config.resolution).images[0]
-        for _ in range(config.num_validation_images)
-    ]
+    with accelerator.autocast():  # the hook impl keeps an fp32 UNet next to an fp16 VAE
+        images = [
+            pipe(config.validation_prompt, num_inference_steps=config.validation_inference_steps, generator=generator,
+                 height=config.resolution, width=config.resolution).images[0]
+            for _ in range(config.num_validation_images)
+        ]
     folder = Path(config.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):
@@ -642,37 +900,41 @@ def _validate(config, accelerator, model_path, unet, text_encoders, vae, step, w
             import numpy as np
 
             tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+    del pipe
     return images
 
 
-def _save_adapter(config, accelerator, components, trainables, is_sdxl, step) -> Path:
+def _save_adapter(config, accelerator, trainables, is_sdxl, step) -> Path:
+    """output_dir/shira_weights.safetensors (ShiraAdapter.save) or pytorch_lora_weights.safetensors, + card."""
     output_dir = Path(config.output_dir)
+    path = output_dir / (SHIRA_WEIGHT_NAME if config.adapter == "shira" else LORA_WEIGHT_NAME)
     if not accelerator.is_main_process:
-        return output_dir / (SHIRA_WEIGHT_NAME if config.adapter == "shira" else LORA_WEIGHT_NAME)
+        return path
     if config.adapter == "shira":
         adapter = ShiraAdapter(
             {c: t.deltas() for c, t in trainables.items()},
             mask_type=config.mask,
             base_model=config.pretrained_model_name_or_path,
-            extra={"impl": config.impl, "steps": step, "instance_prompt": config.instance_prompt, "density_requested": config.density, "shira_r": config.shira_r},
+            extra={
+                "impl": config.impl, "steps": step, "instance_prompt": config.instance_prompt,
+                "density_requested": None if config.shira_r else config.density, "shira_r": config.shira_r,
+                "target_modules": list(config.target_modules or UNET_TARGETS), "learning_rate": config.learning_rate,
+            },
         )
-        path = adapter.save(output_dir / SHIRA_WEIGHT_NAME)
+        path = adapter.save(path)
     else:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-        from peft.utils import get_peft_model_state_dict
 
         # PEFT-style keys + each component's LoraConfig as metadata: diffusers reloads them exactly (files
         # written with convert_state_dict_to_diffusers lose their attention layers in diffusers 0.42).
-        models = {c: accelerator.unwrap_model(m) for c, m in components.items()}
-        layers = {f"{c}_lora_layers": get_peft_model_state_dict(m) for c, m in models.items()}
-        metadata = {f"{c}_lora_adapter_metadata": m.peft_config["default"].to_dict() for c, m in models.items()}
+        layers = {f"{c}_lora_layers": t.export() for c, t in trainables.items()}
+        metadata = {f"{c}_lora_adapter_metadata": t.config_dict() for c, t in trainables.items()}
         (StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline).save_lora_weights(output_dir, **layers, **metadata)
-        path = output_dir / LORA_WEIGHT_NAME
-    _write_model_card(config, output_dir, path, step)
+    _write_model_card(config, output_dir, path, step, sum(t.num_parameters for t in trainables.values()))
     return path
 
 
-def _write_model_card(config: TrainingConfig, output_dir: Path, adapter_path: Path, step: int) -> None:
+def _write_model_card(config: TrainingConfig, output_dir: Path, adapter_path: Path, step: int, parameters: int) -> None:
     from PIL import Image
 
     images = sorted((output_dir / "validation").glob(f"step-{step:06d}-*.png"))
@@ -686,21 +948,27 @@ def _write_model_card(config: TrainingConfig, output_dir: Path, adapter_path: Pa
             x += tile.width
         grid.save(output_dir / "samples.png")
         grid_line = f"\n![samples](samples.png)\n\nPrompt: `{config.validation_prompt}`\n"
-    kind = f"SHiRA ({config.mask} mask, {config.impl}, " + (f"r={config.shira_r})" if config.shira_r else f"density {config.density})") if config.adapter == "shira" else f"LoRA (rank {config.rank})"
-    usage = (
-        f'pipe.load_shira_weights("{adapter_path.name}")' if config.adapter == "shira" else f'pipe.load_lora_weights(".", weight_name="{adapter_path.name}")'
-    )
+    if config.adapter == "shira":
+        budget = f"r={config.shira_r} budget" if config.shira_r else f"density {config.density}"
+        kind = f"SHiRA ({config.mask} mask, {budget}, {config.impl} impl)"
+        usage = f'pipe.load_shira_weights("{adapter_path.name}")'
+    else:
+        kind = f"LoRA (rank {config.rank})"
+        usage = f'pipe.load_lora_weights(".", weight_name="{adapter_path.name}")'
+    targets = ", ".join(config.target_modules or UNET_TARGETS) + (" + all Conv2d" if config.target_conv else "")
     card = f"""---
 library_name: shira-diffusion
 base_model: {config.pretrained_model_name_or_path}
-tags: [shira-diffusion, text-to-image, diffusers, {'shira' if config.adapter == 'shira' else 'lora'}]
+tags: [shira-diffusion, text-to-image, diffusers, {config.adapter}]
 ---
 # {kind} style adapter
 
 - base model: `{config.pretrained_model_name_or_path}`
 - instance / trigger prompt: {config.instance_prompt or '(per-image captions)'}
-- adapter: {kind}
-- steps: {step}, learning rate {config.learning_rate} ({config.lr_scheduler}), batch {config.train_batch_size}, resolution {config.resolution}
+- adapter: {kind}, {parameters:,} trainable parameters
+- mask: {config.mask if config.adapter == 'shira' else '-'}; density: {(config.density if not config.shira_r else f'r={config.shira_r}') if config.adapter == 'shira' else '-'}
+- targets: UNet {targets}{' + text encoder(s) q/k/v/out_proj, fc1, fc2' if config.train_text_encoder else ''}
+- steps: {step}, learning rate {config.learning_rate} ({config.lr_scheduler}), batch {config.train_batch_size} x {config.gradient_accumulation_steps} accumulation, resolution {config.resolution}, seed {config.seed}
 {grid_line}
 ```python
 {usage}
@@ -713,7 +981,6 @@ def config_from_dict(values: dict) -> TrainingConfig:
     """A TrainingConfig from a dict (e.g. argparse vars), ignoring unknown keys."""
     names = set(TrainingConfig.__dataclass_fields__)
     return TrainingConfig(**{k: v for k, v in values.items() if k in names})
-
 
 
 @torch.no_grad()

@@ -5,13 +5,14 @@ import math
 import pytest
 import torch
 
-from shira_diffusion.masks import build_masks, mask_budget, random_positions, struct_positions, topk_positions
+from shira_diffusion.masks import MASK_TYPES, build_masks, mask_budget, random_positions, struct_positions, topk_positions
 
 
 def test_budgets_by_density_and_peft_r():
     assert mask_budget((320, 320), density=0.02) == round(0.02 * 320 * 320)
     assert mask_budget((320, 768), r=4) == 4 * (320 + 768)
     assert mask_budget((8, 4, 3, 3), r=1) == 8 + 36  # convs count as (out, in*kh*kw)
+    assert mask_budget((4, 4), r=100) == 16 and mask_budget((4, 4), density=1e-6) == 1  # clamped to [1, numel]
     for bad in (0, -0.1, 1.5):
         with pytest.raises(ValueError, match="density must be in"):
             mask_budget((4, 4), density=bad)
@@ -19,25 +20,57 @@ def test_budgets_by_density_and_peft_r():
         mask_budget((4, 4), r=0)
 
 
-@pytest.mark.parametrize("shape, k", [((64, 64), 300), ((40, 96), 500), ((96, 40), 500), ((16, 8, 3, 3), 200), ((10, 10), 5)])
-def test_struct_is_diagonal_plus_strided_rows_with_exact_budget(shape, k):
+@pytest.mark.parametrize("mask", MASK_TYPES)
+def test_every_mask_meets_the_budget_exactly_with_sorted_unique_int64_positions(mask):
+    generator = torch.Generator().manual_seed(0)
+    targets = {"a.weight": torch.randn(96, 40, generator=generator), "b.weight": torch.randn(16, 8, 3, 3, generator=generator),
+               "c.weight": torch.randn(64, 64, generator=generator).half()}
+    gradients = {n: torch.rand(w.shape, generator=generator) for n, w in targets.items()}
+    for budget in ({"density": 0.05}, {"r": 2}):
+        masks = build_masks(targets, mask, gradients=gradients, **budget)
+        assert masks.keys() == targets.keys()
+        for name, positions in masks.items():
+            shape = tuple(targets[name].shape)
+            assert positions.dtype == torch.int64 and positions.numel() == mask_budget(shape, **budget)
+            assert torch.equal(positions, positions.unique()) and 0 <= int(positions.min()) and int(positions.max()) < math.prod(shape)
+
+
+@pytest.mark.parametrize("shape, k", [((64, 64), 300), ((40, 96), 500), ((96, 40), 500), ((16, 8, 3, 3), 200), ((320, 320), 2048), ((10, 10), 5)])
+def test_struct_is_the_diagonal_plus_rows_at_a_regular_stride(shape, k):
     positions = struct_positions(shape, k)
     rows, cols = shape[0], math.prod(shape) // shape[0]
     assert positions.numel() == k and torch.equal(positions, positions.unique())
-    diagonal = set((torch.arange(min(rows, cols)) * (cols + 1)).tolist())
+    diagonal = (torch.arange(min(rows, cols)) * (cols + 1)).tolist()
     chosen = set(positions.tolist())
-    assert diagonal <= chosen or chosen <= diagonal  # the whole diagonal first, unless the budget is smaller
-    off = [p for p in chosen if p not in diagonal]
-    full_rows = {p // cols for p in off}
-    assert len(full_rows) <= math.ceil(len(off) / (cols - 1)) + 1  # whole rows, not scattered entries
+    if k <= len(diagonal):
+        assert chosen == set(diagonal[:k])
+        return
+    assert set(diagonal) <= chosen  # the whole diagonal: the high-rank part
+    off = sorted(p for p in chosen if p not in set(diagonal))
+    touched = sorted({p // cols for p in off})
+    stride = max(1, rows // math.ceil((k - len(diagonal)) / (cols - 1)))
+    expected_order = sorted(range(rows), key=lambda r: (r % stride, r))
+    assert touched == sorted(expected_order[: len(touched)])  # rows 0, f, 2f, ... (then 1, f+1, ...)
+    full = [r for r in touched if sum(1 for c in range(cols) if r * cols + c in chosen) == cols]
+    assert len(full) >= len(touched) - 1  # whole rows; only the last one is cut to the budget
+    if shape == (320, 320):  # 2 % of a square weight: diagonal + 6 rows spread over the whole height
+        assert stride == 53 and touched[:6] == [0, 53, 106, 159, 212, 265]
 
 
-def test_rand_differs_across_layers_and_seeds_and_is_reproducible():
+def test_rand_differs_across_layers_and_seeds_and_is_reproducible_and_uniform():
     a = random_positions((320, 320), 2048, seed=0, name="a.weight")
     assert torch.equal(a, random_positions((320, 320), 2048, seed=0, name="a.weight"))
-    assert not torch.equal(a, random_positions((320, 320), 2048, seed=0, name="b.weight"))
     assert not torch.equal(a, random_positions((320, 320), 2048, seed=1, name="a.weight"))
     assert a.numel() == 2048 and torch.equal(a, a.unique()) and int(a.max()) < 320 * 320
+    same_shape = {f"block{i}.to_q.weight": torch.zeros(320, 320) for i in range(3)}
+    masks = list(build_masks(same_shape, "rand", density=0.02, seed=0).values())
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+    overlap = len(set(masks[0].tolist()) & set(masks[1].tolist()))
+    assert overlap < 0.1 * masks[0].numel()  # independent draws overlap by about 2 %
+    quarters = torch.bincount(a * 4 // (320 * 320), minlength=4)
+    assert quarters.min() > 0.2 * a.numel()  # spread over the whole weight
+    dense = random_positions((20, 20), 300, seed=0, name="x")  # the dense-budget path
+    assert dense.numel() == 300 and torch.equal(dense, dense.unique())
 
 
 def test_magnitude_gradient_and_snip_pick_the_top_scores():
@@ -48,12 +81,17 @@ def test_magnitude_gradient_and_snip_pick_the_top_scores():
     masks = {t: build_masks({"w": weight}, t, density=0.02, gradients={"w": grad})["w"] for t in ("wm", "grad", "snip")}
     for kind, score in (("wm", weight.abs()), ("grad", grad), ("snip", (weight * grad).abs())):
         assert torch.equal(masks[kind], torch.topk(score.flatten(), k).indices.sort().values), kind
+    assert not torch.equal(masks["wm"], masks["grad"]) and not torch.equal(masks["grad"], masks["snip"])
     big = torch.rand(2_000_000, generator=generator)  # the sampled-threshold path
     assert torch.equal(topk_positions(big, 40_000), torch.topk(big, 40_000).indices.sort().values)
+    half = torch.randn(300, 200, generator=generator).half()  # fp16 weights score in fp32
+    assert torch.equal(build_masks({"h": half}, "wm", density=0.1)["h"], torch.topk(half.float().abs().flatten(), 6000).indices.sort().values)
 
 
-def test_grad_masks_need_gradients_and_unknown_mask_is_refused():
+def test_grad_masks_need_matching_gradients_and_unknown_mask_is_refused():
     with pytest.raises(ValueError, match="mask 'snip' needs calibration gradients; none for 'w'"):
         build_masks({"w": torch.zeros(4, 4)}, "snip")
+    with pytest.raises(ValueError, match=r"gradient for 'w' has shape \(4, 2\), weight \(4, 4\)"):
+        build_masks({"w": torch.zeros(4, 4)}, "grad", gradients={"w": torch.zeros(4, 2)})
     with pytest.raises(ValueError, match="unknown mask 'magic'"):
         build_masks({"w": torch.zeros(4, 4)}, "magic")

@@ -8,22 +8,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-
 HELP = {
     "pretrained_model_name_or_path": "diffusers model folder or Hub id (SD 1.x/2.x or SDXL)",
     "train_data_dir": "image folder with metadata.jsonl (file_name, text) or a .txt caption beside each image",
     "instance_prompt": "caption for images without one (DreamBooth trigger prompt)",
     "adapter": "shira (default) or lora: the LoRA baseline on the same loop, targets and schedule",
-    "mask": "SHiRA mask: struct, rand, wm, grad or snip",
+    "mask": "SHiRA mask (default snip)",
     "density": "fraction of each target weight to train (default 0.02)",
-    "shira_r": "PEFT-style budget r*(m+n) per weight instead of --density (equals a rank-r LoRA's count)",
-    "impl": "sparse (only masked values are parameters; default) or hook (gradient masking)",
-    "target_modules": "module name suffixes to adapt (default: to_q to_k to_v to_out.0 ff.net.0.proj ff.net.2)",
-    "target_conv": "also adapt every Conv2d weight of the UNet",
-    "calibration_batches": "batches used to score weights for the grad and snip masks",
-    "rank": "LoRA rank for --adapter lora",
-    "resume_from_checkpoint": "a checkpoint folder, or 'latest'",
+    "shira_r": "PEFT-style budget r*(m+n) per weight instead of --density (a rank-r LoRA's parameter count)",
+    "impl": "sparse: only the masked values are parameters (default); hook: full weights + gradient mask",
+    "target_modules": "UNet module name suffixes to adapt (default: to_q to_k to_v to_out.0 ff.net.0.proj ff.net.2)",
+    "target_conv": "also adapt every Conv2d weight of the UNet (viewed as out x in*kh*kw)",
+    "calibration_batches": "training batches used to score weights for the grad and snip masks",
+    "rank": "LoRA rank for --adapter lora (default 64)",
+    "resume_from_checkpoint": "a checkpoint-N folder, or 'latest' (starts fresh when there is none)",
     "report_to": "tensorboard (default), wandb, all or none",
+    "validation_steps": "generate validation images every N optimizer steps (and at the end)",
+    "train_text_encoder": "also adapt the text encoder(s): q_proj k_proj v_proj out_proj fc1 fc2",
+}
+CHOICES = {
+    "adapter": ("shira", "lora"),
+    "mask": ("struct", "rand", "wm", "grad", "snip"),
+    "impl": ("sparse", "hook"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "lr_scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
 }
 
 
@@ -35,7 +43,7 @@ def _flag_type(annotation: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..training import TrainingConfig  # light: the training module imports torch lazily where heavy
+    from ..training import TrainingConfig
 
     for field in dataclasses.fields(TrainingConfig):
         flag, annotation = f"--{field.name}", str(field.type)
@@ -47,15 +55,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, nargs="+", default=None, help=help_text)
         else:
             default = None if required else field.default
-            parser.add_argument(flag, type=_flag_type(annotation), default=default, required=required, help=help_text or f"(default: {default})")
+            parser.add_argument(flag, type=_flag_type(annotation), default=default, required=required,
+                                choices=CHOICES.get(field.name), help=help_text or f"(default: {default})")
 
 
 def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from ..training import config_from_dict, train
 
     result = train(config_from_dict(vars(args)))
-    print(f"saved {result.adapter_path} after {result.global_step} steps ({result.trainable_parameters:,} trainable parameters)")
+    if PartialState().is_main_process:  # one line under `accelerate launch`, not one per process
+        print(f"saved {result.adapter_path} after {result.global_step} steps ({result.trainable_parameters:,} trainable parameters)")
     return 0
-
-
-
