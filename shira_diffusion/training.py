@@ -12,8 +12,9 @@ Two SHiRA implementations (`--impl`):
   scatter engine loads an adapter, so the exported adapter reproduces the trained model bit for bit in fp32.
   Weight decay applies to the values, i.e. pulls the weights toward the base model (as LoRA's does to A, B).
 - `hook`: the paper's "turn any trainer into SHiRA": the full target weights are trainable and a
-  `register_post_accumulate_grad_hook` zeroes their gradient outside the mask (re-applied before each
-  optimizer step, so wrappers that write gradients back, e.g. DDP buckets, cannot undo it). Adam's moments
+  `register_post_accumulate_grad_hook` zeroes their gradient outside the mask (registered before
+  accelerate wraps the model, so DDP's reducer already sees masked gradients; re-applied before each
+  optimizer step as a cheap guard against wrappers that write gradients back). Adam's moments
   then stay exactly zero outside the mask and AdamW's update there is 0. AdamW's decoupled weight decay
   would still shrink every weight with requires_grad, so these weights sit in a param group without decay and
   the same decay is applied by hand to (W - W0) at the mask positions, before the step as AdamW does (and
@@ -259,7 +260,7 @@ class ShiraTrainable:
                 if weight.dtype != torch.float32:
                     raise ConfigError(f"{name}: --impl hook trains the full weight, which must be float32 (got {weight.dtype})")
                 weight.requires_grad_(True)
-                self.base_values[name] = weight.detach().view(-1).index_select(0, pos).clone()
+                self.base_values[name] = weight.detach().view(-1).index_select(0, pos)
                 self.hooks.append(weight.register_post_accumulate_grad_hook(self._mask_gradient(pos)))
 
     @staticmethod
@@ -508,7 +509,7 @@ def _generate_class_images(config: TrainingConfig, model_path: str, device: torc
     if missing <= 0:
         return
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = DiffusionPipeline.from_pretrained(model_path, revision=config.revision, variant=config.variant, torch_dtype=dtype).to(device)
+    pipe = DiffusionPipeline.from_pretrained(model_path, revision=config.revision, variant=config.variant).to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     for index in range(missing):
@@ -768,7 +769,7 @@ def train(config: TrainingConfig) -> TrainingResult:
                     _prune_checkpoints(output_dir, config.checkpoints_total_limit)
                 accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
             if config.validation_prompt and config.validation_steps and global_step % config.validation_steps == 0 and global_step < max_steps:
-                _validate(config, accelerator, model_path, unet, text_encoders, vae, global_step, weight_dtype)
+                _validate(config, accelerator, model_path, unet, text_encoders, vae, global_step)
             tick = time.perf_counter()
             if global_step >= max_steps:
                 break
@@ -779,7 +780,7 @@ def train(config: TrainingConfig) -> TrainingResult:
     # 7. Final validation, adapter, model card.
     accelerator.wait_for_everyone()
     if config.validation_prompt:
-        _validate(config, accelerator, model_path, unet, text_encoders, vae, global_step, weight_dtype)
+        _validate(config, accelerator, model_path, unet, text_encoders, vae, global_step)
     adapter_path = _save_adapter(config, accelerator, trainables, is_sdxl, global_step)
     accelerator.end_training()
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -870,7 +871,7 @@ def _prune_checkpoints(output_dir: Path, limit: int | None) -> None:
 
 
 @torch.no_grad()
-def _validate(config, accelerator, model_path, unet, text_encoders, vae, step, weight_dtype) -> list:
+def _validate(config, accelerator, model_path, unet, text_encoders, vae, step) -> list:
     """Images for --validation_prompt from the live model: PNGs in output_dir/validation and TensorBoard."""
     if not accelerator.is_main_process:
         return []
@@ -879,7 +880,8 @@ def _validate(config, accelerator, model_path, unet, text_encoders, vae, step, w
     extra = {"text_encoder": accelerator.unwrap_model(text_encoders[0])}
     if len(text_encoders) > 1:
         extra["text_encoder_2"] = accelerator.unwrap_model(text_encoders[1])
-    kwargs = {"unet": accelerator.unwrap_model(unet), "vae": vae, "revision": config.revision, "variant": config.variant, "torch_dtype": weight_dtype}
+    # The weighted components are the live ones (in their training dtypes); nothing else needs a dtype.
+    kwargs = {"unet": accelerator.unwrap_model(unet), "vae": vae, "revision": config.revision, "variant": config.variant}
     if "safety_checker" in DiffusionPipeline.load_config(model_path, revision=config.revision):
         kwargs.update(safety_checker=None, requires_safety_checker=False)  # images for the log: skip loading the checker
     pipe = DiffusionPipeline.from_pretrained(model_path, **kwargs, **extra)

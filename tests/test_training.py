@@ -338,3 +338,35 @@ def test_8bit_adam_without_bitsandbytes_is_a_clear_error(setup, capsys):
         pass
     assert main(["train", "--pretrained_model_name_or_path", setup["model"], "--train_data_dir", setup["data"], "--use_8bit_adam"]) == 2
     assert "--use_8bit_adam needs bitsandbytes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_run_sparse_and_hook_agree(setup, tmp_path):
+    """`torchrun` / `accelerate launch` with 2 CPU processes (gloo DDP): both impls end with the same adapter
+    and the same logged losses (which would drift if DDP's averaged full gradients moved hook weights outside
+    the mask), and each process checkpoints its own noise generator."""
+    import os
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    adapters, losses = {}, {}
+    for impl in ("sparse", "hook"):
+        out = tmp_path / impl
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "shira_diffusion", "train",
+                   "--pretrained_model_name_or_path", setup["model"], "--train_data_dir", setup["data"], "--output_dir", str(out),
+                   "--resolution", "32", "--center_crop", "--train_batch_size", "1", "--max_train_steps", "4", "--learning_rate", "1e-2",
+                   "--density", "0.2", "--mask", "snip", "--impl", impl, "--checkpointing_steps", "2", "--report_to", "tensorboard",
+                   "--calibration_batches", "1", "--adam_weight_decay", "0.3"]
+        subprocess.run(command, env=env, check=True, capture_output=True, timeout=600)
+        assert {"noise_generator_0.safetensors", "noise_generator_1.safetensors"} <= {p.name for p in (out / "checkpoint-4").iterdir()}
+        adapters[impl] = ShiraAdapter.load(out / "shira_weights.safetensors")
+        events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+        events.Reload()
+        losses[impl] = [event.value for event in events.Scalars("loss")]
+    assert len(losses["sparse"]) == 4
+    np.testing.assert_allclose(losses["sparse"], losses["hook"], rtol=1e-4)
+    for (_, _, a), (_, _, b) in zip(adapters["sparse"].items(), adapters["hook"].items(), strict=True):
+        assert torch.equal(a.positions, b.positions) and torch.allclose(a.deltas, b.deltas, atol=2e-5)
