@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import kernels
 from .format import ShiraAdapter, ShiraFormatError
 
 
@@ -79,10 +80,11 @@ class ScatterEngine:
             raise ShiraLoadError(f"{component}.{name}: no such weight in {type(module).__name__}") from None
         return parameter
 
-    def check(self, adapter: ShiraAdapter, name: str | None = None, validated: bool = False) -> None:
+    def check(self, adapter: ShiraAdapter, name: str | None = None, validated: bool = False) -> list[nn.Parameter]:
         """Raise a clear error unless `adapter` can be added (under `name`) without touching weights.
 
-        `validated=True` skips the format checks for adapters that were just read (and checked) from a file.
+        Returns the live parameters in `adapter.items()` order. `validated=True` skips the format checks
+        for adapters that were just read (and checked) from a file.
         """
         if name is not None and name in self.alphas:
             raise ShiraLoadError(f"adapter name {name!r} is already in use; unload it first or pick another name")
@@ -91,9 +93,15 @@ class ScatterEngine:
                 adapter.validate()
             except ShiraFormatError as error:
                 raise ShiraLoadError(str(error)) from None
+        found = []
+        by_name: dict[str, dict[str, nn.Parameter]] = {}  # one walk per component, not one per weight
         for component, param_name, delta in adapter.items():
             key = f"{component}.{param_name}"
-            parameter = self.resolve_parameter(component, param_name)
+            if component not in by_name and component in self.components:
+                by_name[component] = dict(self.components[component].named_parameters(remove_duplicate=False))
+            parameter = by_name.get(component, {}).get(param_name)
+            if parameter is None:
+                parameter = self.resolve_parameter(component, param_name)  # raises the error naming what is missing
             if not parameter.is_floating_point():
                 raise ShiraLoadError(f"{key}: weight dtype {parameter.dtype} is not floating point")
             if tuple(parameter.shape) != delta.shape:
@@ -105,6 +113,8 @@ class ScatterEngine:
                 raise ShiraLoadError(f"{key}: weight is on the meta device (sequential CPU offload is not supported)")
             if not parameter.is_contiguous():
                 raise ShiraLoadError(f"{key}: weight is not contiguous (e.g. channels_last); flat positions need row-major storage")
+            found.append(parameter)
+        return found
 
     def check_names(self, names: Iterable[str]) -> list[str]:
         names = list(names)
@@ -119,27 +129,34 @@ class ScatterEngine:
     def add(self, name: str, adapter: ShiraAdapter, alpha: float, activate: bool = True, validated: bool = False) -> None:
         """Validate, back up the new positions, then write. Usage: engine.add("a", adapter, 1.0)"""
         with self.lock:
-            self.check(adapter, name, validated)
-            touched = []
-            for component, param_name, delta in adapter.items():
+            parameters = self.check(adapter, name, validated)
+            fresh, joined = [], []  # weights nothing touched yet / weights other adapters already touch
+            for (component, param_name, delta), parameter in zip(adapter.items(), parameters):
                 key = f"{component}.{param_name}"
-                parameter = self.resolve_parameter(component, param_name)
                 self._bring_to(key, parameter)
                 device = parameter.device
                 entry = _Entry(delta.positions.to(device=device, dtype=torch.int64), delta.deltas.to(device=device, dtype=torch.float32))
                 target = self.targets.get(key)
                 if target is None:
-                    target = _Target(parameter, entry.positions.new_empty(0), parameter.data.new_empty(0))
-                    self.targets[key] = target
-                self._grow(target, entry.positions)
+                    fresh.append((key, parameter, entry))
+                else:
+                    joined.append((key, target, entry))
+            with torch.no_grad():
+                if activate and self.enabled:  # W0 + alpha*S written while the backup is read: one pass
+                    backups = kernels.gather_add_scatter([(p.data, e.positions, e.deltas) for _, p, e in fresh], alpha)
+                else:
+                    backups = kernels.gather([(p.data, e.positions) for _, p, e in fresh])
+            for (key, parameter, entry), backup in zip(fresh, backups):
+                self.targets[key] = _Target(parameter, entry.positions, backup, {name: entry})
+            self._grow([(target, entry.positions) for _, target, entry in joined])
+            for _, target, entry in joined:
                 target.entries[name] = entry
                 self._reslot(target)
-                touched.append(key)
             self.alphas[name] = float(alpha)
             self.adapters[name] = adapter
             if activate:
                 self.active.append(name)
-            self._write(touched)
+            self._write([key for key, _, _ in joined])
 
     def set_active(self, weights: Mapping[str, float]) -> None:
         """Exactly these adapters active, at these strengths (multi-adapter fusion)."""
@@ -157,9 +174,9 @@ class ScatterEngine:
             names = self.check_names(names)
             gone = set(names)
             keys = self._keys_of(gone)
+            self._restore([self.targets[key] for key in keys])
             for key in keys:
                 target = self.targets[key]
-                self._restore(target)
                 for name in gone:
                     target.entries.pop(name, None)
                 if not target.entries:
@@ -196,18 +213,19 @@ class ScatterEngine:
             entry.positions, entry.deltas = entry.positions.to(weight.device), entry.deltas.to(weight.device)
             entry.slots = None if entry.slots is None else entry.slots.to(weight.device)
 
-    def _grow(self, target: _Target, positions: torch.Tensor) -> None:
+    def _grow(self, growing: list[tuple[_Target, torch.Tensor]]) -> None:
+        """Widen each target's union and backup to new positions (read in one batched gather)."""
         # Positions new to the union have never been written, so the live weight still holds W0 there.
-        if target.positions.numel() == 0:  # the common case: first adapter on this weight
-            target.positions, target.backup = positions, target.parameter.data.view(-1).index_select(0, positions)
-            return
-        new = positions[~torch.isin(positions, target.positions)]
-        if new.numel() == 0:
-            return
-        union = torch.cat([target.positions, new]).sort().values
-        backup = target.parameter.data.view(-1).index_select(0, union)
-        backup[torch.searchsorted(union, target.positions)] = target.backup
-        target.positions, target.backup = union, backup
+        unions = []
+        for target, positions in growing:
+            new = positions[~torch.isin(positions, target.positions)]
+            unions.append(torch.cat([target.positions, new]).sort().values if new.numel() else None)
+        jobs = [(target, union) for (target, _), union in zip(growing, unions) if union is not None]
+        with torch.no_grad():
+            backups = kernels.gather([(target.parameter.data, union) for target, union in jobs])
+        for (target, union), backup in zip(jobs, backups):
+            backup[torch.searchsorted(union, target.positions)] = target.backup
+            target.positions, target.backup = union, backup
 
     @staticmethod
     def _reslot(target: _Target) -> None:
@@ -217,25 +235,23 @@ class ScatterEngine:
             entry.slots = None if same else torch.searchsorted(target.positions, entry.positions)
 
     @staticmethod
-    def _restore(target: _Target) -> None:
+    def _restore(targets: list[_Target]) -> None:
         with torch.no_grad():
-            target.parameter.data.view(-1).scatter_(0, target.positions, target.backup)
+            kernels.scatter([(target.parameter.data, target.positions, target.backup) for target in targets])
 
     def _write(self, keys: Iterable[str]) -> None:
         active = [(name, self.alphas[name]) for name in self.active] if self.enabled else []
+        jobs = []
+        for key in keys:
+            target = self.targets[key]
+            self._bring_to(key, target.parameter)
+            entries = [(target.entries[name], alpha) for name, alpha in active if name in target.entries]
+            if not entries:
+                jobs.append((target.parameter.data, target.positions, target.backup))
+                continue
+            values = target.backup.to(torch.float32, copy=True)  # never accumulate into the backup
+            for entry, alpha in entries:
+                kernels.add_scaled(values, entry.deltas, alpha, entry.slots)
+            jobs.append((target.parameter.data, target.positions, values.to(target.parameter.dtype)))
         with torch.no_grad():
-            for key in keys:
-                target = self.targets[key]
-                self._bring_to(key, target.parameter)
-                entries = [(target.entries[name], alpha) for name, alpha in active if name in target.entries]
-                if not entries:
-                    self._restore(target)
-                    continue
-                values = target.backup.to(torch.float32, copy=True)  # never accumulate into the backup
-                for entry, alpha in entries:
-                    if entry.slots is None:
-                        values.add_(entry.deltas, alpha=alpha)
-                    else:
-                        values.index_add_(0, entry.slots, entry.deltas, alpha=alpha)
-                weight = target.parameter.data
-                weight.view(-1).scatter_(0, target.positions, values.to(weight.dtype))
+            kernels.scatter(jobs)

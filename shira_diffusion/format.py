@@ -33,7 +33,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
+
+from .kernels import NONFINITE, OUT_OF_RANGE, ZERO_GAP, decode
 
 FORMAT_VERSION = 1
 METADATA_KEY = "shira_metadata"
@@ -76,9 +79,8 @@ class SparseDelta:
         """Fraction of the weight's entries that this delta changes."""
         return self.numel / max(1, math.prod(self.shape))
 
-    def validate(self, key: str) -> None:
-        """Raise ShiraFormatError naming `key` unless positions/deltas are well formed."""
-        size = math.prod(self.shape)
+    def check_structure(self, key: str) -> None:
+        """The cheap checks: integer positions, float deltas, both 1-D and of equal length."""
         if self.positions.dtype.is_floating_point or self.positions.dtype == torch.bool or self.positions.is_complex():
             raise ShiraFormatError(f"{key}: positions must be integers, found {self.positions.dtype}")
         if self.deltas.dtype not in FLOAT_DTYPES:
@@ -92,6 +94,10 @@ class SparseDelta:
             raise ShiraFormatError(
                 f"{key}: {self.positions.numel()} positions but {self.deltas.numel()} deltas"
             )
+
+    def validate(self, key: str) -> None:
+        """Raise ShiraFormatError naming `key` unless positions/deltas are well formed."""
+        self.check_structure(key)
         if self.positions.numel() == 0:
             return
         positions = self.positions.to(torch.int64)
@@ -106,22 +112,29 @@ class SparseDelta:
         low, high = int(positions[0]), int(positions[-1])  # sorted, so these are min and max
         if low < 0:
             raise ShiraFormatError(f"{key}: negative position {low}")
-        if high >= size:
-            raise ShiraFormatError(
-                f"{key}: position {high} is out of range for a weight of shape {self.shape} ({size} entries)"
-            )
-        # A float64 sum of finite values is finite and NaN/inf propagate: one cheap reduction.
-        if not bool(torch.isfinite(self.deltas.sum(dtype=torch.float64))):
-            bad = int(torch.nonzero(~torch.isfinite(self.deltas))[0])
-            raise ShiraFormatError(
-                f"{key}: non-finite delta {float(self.deltas[bad])} at position {int(positions[bad])}"
-            )
+        if high >= math.prod(self.shape):
+            raise _out_of_range(key, high, self.shape)
+        # NaN/inf propagate through a sum: one cheap fp32 reduction; only a non-finite sum (which may also
+        # be an overflow of large finite values) pays for the element-wise search.
+        if not bool(torch.isfinite(self.deltas.sum(dtype=torch.float32))):
+            bad = torch.nonzero(~torch.isfinite(self.deltas))
+            if bad.numel():
+                raise _nonfinite(key, self.deltas, int(bad[0]))
+
 
     def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The delta as a dense tensor of `shape` (zeros elsewhere)."""
         dense = torch.zeros(math.prod(self.shape), dtype=dtype)
         dense[self.positions.to(torch.int64)] = self.deltas.to(dtype)
         return dense.view(self.shape)
+
+
+def _out_of_range(key: str, position: int, shape: tuple[int, ...]) -> ShiraFormatError:
+    return ShiraFormatError(f"{key}: position {position} is out of range for a weight of shape {shape} ({math.prod(shape)} entries)")
+
+
+def _nonfinite(key: str, deltas: torch.Tensor, index: int) -> ShiraFormatError:
+    return ShiraFormatError(f"{key}: non-finite delta {float(deltas[index])} (entry {index})")
 
 
 def encode_positions(positions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -136,24 +149,23 @@ def encode_positions(positions: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def decode_positions(gaps: torch.Tensor, gaps_hi_index: torch.Tensor, gaps_hi: torch.Tensor, key: str) -> torch.Tensor:
-    """Inverse of `encode_positions`; raises ShiraFormatError on tensors that cannot be decoded."""
-    if gaps.dtype != torch.uint16:
-        raise ShiraFormatError(f"{key}.gaps: expected uint16, found {gaps.dtype}")
+def _checked_gaps(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`<key>.gaps` and its high bits after the checks the decoder relies on (dtypes, shapes, index order)."""
+    gaps, gaps_hi_index, gaps_hi = tensors[f"{key}.gaps"], tensors[f"{key}.gaps_hi_index"], tensors[f"{key}.gaps_hi"]
+    if gaps.dtype != torch.uint16 or gaps.dim() != 1:
+        raise ShiraFormatError(f"{key}.gaps: expected uint16, found {gaps.dtype} of shape {tuple(gaps.shape)}")
     for name, tensor in (("gaps_hi_index", gaps_hi_index), ("gaps_hi", gaps_hi)):
-        if tensor.dtype != torch.int32:
-            raise ShiraFormatError(f"{key}.{name}: expected int32, found {tensor.dtype}")
+        if tensor.dtype != torch.int32 or tensor.dim() != 1:
+            raise ShiraFormatError(f"{key}.{name}: expected a 1-D int32 tensor, found {tensor.dtype} {tuple(tensor.shape)}")
     if gaps_hi_index.shape != gaps_hi.shape:
         raise ShiraFormatError(f"{key}: gaps_hi_index and gaps_hi differ in length")
-    full = gaps.to(torch.int64)
-    if gaps_hi_index.numel():
-        index = gaps_hi_index.to(torch.int64)
-        if int(index.min()) < 0 or int(index.max()) >= full.numel():
-            raise ShiraFormatError(f"{key}.gaps_hi_index: index out of range 0..{full.numel() - 1}")
-        if int(gaps_hi.min()) < 0:
+    index, high = gaps_hi_index.to(torch.int64), gaps_hi.to(torch.int64)
+    if index.numel():
+        if int(index[0]) < 0 or int(index[-1]) >= gaps.numel() or not bool(torch.all(index[1:] > index[:-1])):
+            raise ShiraFormatError(f"{key}.gaps_hi_index: expected increasing indices in 0..{gaps.numel() - 1}")
+        if int(high.min()) < 0:
             raise ShiraFormatError(f"{key}.gaps_hi: negative high bits")
-        full[index] += gaps_hi.to(torch.int64) << _GAP_BITS
-    return torch.cumsum(full, 0) - 1
+    return gaps, index, high
 
 
 @dataclass
@@ -284,18 +296,32 @@ class ShiraAdapter:
         unknown = sorted(set(tensors) - expected)
         if unknown:
             raise ShiraFormatError(f"{source}: unexpected tensor {unknown[0]!r} (not listed in the metadata shapes)")
-        deltas: dict[str, dict[str, SparseDelta]] = {}
+        checked, jobs = [], []
         for key, shape in shapes.items():
             missing = [f"{key}.{s}" for s in _SUFFIXES if f"{key}.{s}" not in tensors]
             if missing:
                 raise ShiraFormatError(f"{source}: missing tensor {missing[0]!r}")
-            component, _, name = key.partition(".")
-            if not name:
+            if not key.partition(".")[2]:
                 raise ShiraFormatError(f"{source}: key {key!r} has no component prefix (expected e.g. 'unet.<param>')")
             if not (isinstance(shape, list) and all(isinstance(s, int) and s > 0 for s in shape)):
                 raise ShiraFormatError(f"{source}: bad shape {shape!r} for {key!r}")
-            positions = decode_positions(tensors[f"{key}.gaps"], tensors[f"{key}.gaps_hi_index"], tensors[f"{key}.gaps_hi"], key)
-            deltas.setdefault(component, {})[name] = SparseDelta(tuple(shape), positions, tensors[f"{key}.deltas"])
+            gaps, gaps_hi_index, gaps_hi = _checked_gaps(tensors, key)
+            SparseDelta(tuple(shape), gaps, tensors[f"{key}.deltas"]).check_structure(key)
+            checked.append((key, tuple(shape)))
+            jobs.append((gaps, gaps_hi_index, gaps_hi, tensors[f"{key}.deltas"], math.prod(shape)))
+        # One pass per tensor decodes the positions and checks order, range and finiteness on the way.
+        positions, problems = decode(jobs)
+        deltas: dict[str, dict[str, SparseDelta]] = {}
+        for (key, shape), job, decoded, (problem, index) in zip(checked, jobs, positions, problems):
+            if problem == ZERO_GAP:
+                where = "negative position -1 (the first gap is 0)" if index == 0 else f"duplicate position {int(decoded[index - 1])}"
+                raise ShiraFormatError(f"{key}: {where}")
+            if problem == OUT_OF_RANGE:
+                raise _out_of_range(key, index, shape)
+            if problem == NONFINITE:
+                raise _nonfinite(key, job[3], index)
+            component, _, name = key.partition(".")
+            deltas.setdefault(component, {})[name] = SparseDelta(shape, decoded, job[3])
         adapter = cls(
             deltas,
             mask_type=metadata.get("mask_type"),
@@ -303,7 +329,8 @@ class ShiraAdapter:
             base_model=metadata.get("base_model"),
             extra=dict(metadata.get("extra") or {}),
         )
-        adapter.validate()
+        if not deltas:
+            raise ShiraFormatError(f"{source}: adapter has no tensors")
         return adapter
 
     @classmethod
@@ -320,7 +347,7 @@ class ShiraAdapter:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 header = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors = load_safetensors(path.read_bytes())  # one read: much faster than a get_tensor per key
         except (SafetensorError, OSError, ValueError) as error:
             raise ShiraFormatError(f"{path}: not a readable safetensors file (corrupt or truncated?): {error}") from None
         if METADATA_KEY not in header:

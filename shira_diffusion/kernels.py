@@ -1,0 +1,286 @@
+"""The engine's memory-bound inner loops, batched over all weights: gather, scatter, gather-add-scatter, decode.
+
+A switch is a few million reads and writes at sorted random positions spread over ~100-1000 weights. torch's
+CPU `index_select` / `scatter_` on a 1-D tensor run on one core with per-element index bookkeeping, and one
+call per weight costs more than the work on small weights. Here one numba-compiled launch covers every
+weight of an operation, cut into equal pieces of positions spread over the cores, and the fused
+gather-add-scatter touches each cache line once instead of twice. Tensors reach the compiled loops as
+(address, length) pairs: building numba typed lists of 160+ arrays per call cost as much as the work.
+On GPUs (and without numba) the same operations run as torch ops, weight by weight.
+
+Both paths compute the same bits: a write is `fp32(W0) + fp32(alpha) * delta` with the product rounded
+before the sum (no fused multiply-add), cast once to the weight's dtype.
+
+Usage:
+    backups = gather_add_scatter([(weight, positions, deltas_fp32)], alpha)   # W[p] = W0[p] + alpha * d
+    scatter([(weight, positions, backups[0])])                                # exact restore
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+try:  # numba is a dependency; this keeps the package usable where it cannot be imported
+    import numba
+    from numba import types
+    from numba.extending import intrinsic
+except ImportError:  # pragma: no cover - exercised only on installs without numba
+    numba = None
+
+# numba's OpenMP layer shares the OpenMP runtime with torch and would change torch's thread count (and with it
+# the bits of later convolutions); its own "workqueue" pool does not, unless the user chose a layer. That pool
+# must not be entered from two Python threads at once: one lock serialises our kernels (memory-bound anyway).
+if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+_LOCK = threading.Lock()
+# Half types travel as their 16 raw bits (numba has no float16); gather and scatter only copy bits.
+_BITS = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.int16, torch.bfloat16: np.int16}
+# Exponent bits that are all ones exactly for inf / NaN, by delta dtype (checked on the raw bits).
+_NONFINITE = {torch.float16: (np.int16, 0x7C00), torch.bfloat16: (np.int16, 0x7F80),
+              torch.float32: (np.int32, 0x7F800000), torch.float64: (np.int64, 0x7FF0000000000000)}
+_CHUNK = 1 << 15  # positions per parallel work item: big enough to amortise, small enough to balance
+ZERO_GAP, OUT_OF_RANGE, NONFINITE = 1, 2, 3  # decode problems: status[job] = (kind, index)
+
+if numba is not None:
+
+    @intrinsic
+    def _pointer(typingctx, address, like):
+        """A typed pointer to `address` (an int64 from `tensor.data_ptr()`); `like` gives the element type."""
+        pointer = types.CPointer(like.dtype)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+        return pointer(address, like), codegen
+
+    @numba.njit(nogil=True, inline="always")
+    def _view(address, count, like):
+        return numba.carray(_pointer(address, like), count)
+
+    # Slicing first and reading each index once into a local lets LLVM keep pointers in registers.
+    @numba.njit(parallel=True, nogil=True, cache=True)
+    def _gather(weights, positions, outs, sizes, chunks, wlike, ilike):
+        for c in numba.prange(chunks.shape[0]):
+            job, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            weight = _view(weights[job], sizes[job, 1], wlike)
+            index = _view(positions[job], sizes[job, 0], ilike)[start:stop]
+            out = _view(outs[job], sizes[job, 0], wlike)[start:stop]
+            for i in range(stop - start):
+                out[i] = weight[index[i]]
+
+    @numba.njit(parallel=True, nogil=True, cache=True)
+    def _scatter(weights, positions, values, sizes, chunks, wlike, ilike):
+        for c in numba.prange(chunks.shape[0]):
+            job, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            weight = _view(weights[job], sizes[job, 1], wlike)
+            index = _view(positions[job], sizes[job, 0], ilike)[start:stop]
+            value = _view(values[job], sizes[job, 0], wlike)[start:stop]
+            for i in range(stop - start):
+                weight[index[i]] = value[i]
+
+    @numba.njit(parallel=True, nogil=True, cache=True)
+    def _gather_add_scatter(weights, positions, deltas, backups, sizes, chunks, alpha, wlike, ilike):
+        for c in numba.prange(chunks.shape[0]):
+            job, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            weight = _view(weights[job], sizes[job, 1], wlike)
+            index = _view(positions[job], sizes[job, 0], ilike)[start:stop]
+            delta = _view(deltas[job], sizes[job, 0], wlike)[start:stop]
+            backup = _view(backups[job], sizes[job, 0], wlike)[start:stop]
+            for i in range(stop - start):
+                at = index[i]
+                old = weight[at]
+                backup[i] = old
+                weight[at] = old + alpha * delta[i]  # no fastmath: product rounded, then sum, as in torch
+
+    @numba.njit(parallel=True, nogil=True, cache=True)
+    def _decode(gaps, hi_index, hi, deltas, outs, sizes, status, mask, glike, hlike, dlike, ilike):
+        for job in numba.prange(sizes.shape[0]):
+            count, numel, n_hi = sizes[job, 0], sizes[job, 1], sizes[job, 2]
+            gap16, delta = _view(gaps[job], count, glike), _view(deltas[job], count, dlike)
+            hi_at, hi_bits, out = _view(hi_index[job], n_hi, hlike), _view(hi[job], n_hi, hlike), _view(outs[job], count, ilike)
+            position, next_hi = -1, 0
+            for i in range(count):
+                gap = np.int64(gap16[i]) & 0xFFFF
+                if next_hi < n_hi and hi_at[next_hi] == i:
+                    gap += np.int64(hi_bits[next_hi]) << 16
+                    next_hi += 1
+                if gap == 0:
+                    status[job, 0], status[job, 1] = ZERO_GAP, i
+                    break
+                if (delta[i] & mask) == mask:
+                    status[job, 0], status[job, 1] = NONFINITE, i
+                    break
+                position += gap
+                out[i] = position
+            if status[job, 0] == 0 and count > 0 and position >= numel:
+                status[job, 0], status[job, 1] = OUT_OF_RANGE, position
+
+
+def _addresses(tensors: Sequence[torch.Tensor]) -> np.ndarray:
+    return np.array([t.data_ptr() for t in tensors], dtype=np.int64)
+
+
+def _like(dtype) -> np.ndarray:
+    return np.empty(0, dtype=dtype)
+
+
+def _chunks(weights: Sequence[torch.Tensor], positions: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """(sizes, chunks): per job (positions, weight entries), and rows (job, start, stop) of at most _CHUNK positions."""
+    for weight, index in zip(weights, positions):
+        # The compiled loops do not bounds-check; positions are sorted, so the ends suffice.
+        if index.numel() and (int(index[0]) < 0 or int(index[-1]) >= weight.numel()):
+            raise IndexError(f"positions {int(index[0])}..{int(index[-1])} outside a weight of {weight.numel()} entries")
+    sizes = np.array([(p.numel(), w.numel()) for w, p in zip(weights, positions)], dtype=np.int64).reshape(-1, 2)
+    pieces = -(-sizes[:, 0] // _CHUNK)
+    job = np.repeat(np.arange(len(sizes)), pieces)
+    start = (np.arange(job.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)) * _CHUNK
+    return sizes, np.stack([job, start, np.minimum(start + _CHUNK, sizes[job, 0])], axis=1)
+
+
+@contextmanager
+def _launch():
+    """One launch at a time, on as many threads as torch may use; torch's own thread count left as it was."""
+    with _LOCK:
+        torch_threads = torch.get_num_threads()
+        numba.set_num_threads(max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS)))
+        try:
+            yield
+        finally:
+            if torch.get_num_threads() != torch_threads:  # a user-chosen OpenMP layer can change it
+                torch.set_num_threads(torch_threads)
+
+
+def _split(jobs: Sequence[tuple], compiled) -> tuple[dict, list[int]]:
+    """Job indices one compiled launch can take, grouped by weight dtype; the rest go to torch one by one."""
+    groups: dict[torch.dtype, list[int]] = {}
+    rest = []
+    for i, job in enumerate(jobs):
+        weight = job[0]
+        if numba is not None and weight.dtype in _BITS and all(t.device.type == "cpu" and t.is_contiguous() for t in job) and compiled(*job):
+            groups.setdefault(weight.dtype, []).append(i)
+        else:
+            rest.append(i)
+    return groups, rest
+
+
+def gather(jobs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """For each (weight, sorted int64 positions): `weight.view(-1)[positions]` as a new tensor."""
+    flats = [(weight.view(-1), positions) for weight, positions in jobs]
+    outs: list[torch.Tensor | None] = [None] * len(flats)
+    groups, rest = _split(flats, lambda w, p: p.dtype == torch.int64)
+    for i in rest:
+        outs[i] = flats[i][0].index_select(0, flats[i][1])
+    for dtype, members in groups.items():
+        weights, positions = [flats[i][0] for i in members], [flats[i][1] for i in members]
+        results = [torch.empty(p.numel(), dtype=dtype) for p in positions]
+        sizes, chunks = _chunks(weights, positions)
+        with _launch():
+            _gather(_addresses(weights), _addresses(positions), _addresses(results), sizes, chunks, _like(_BITS[dtype]), _like(np.int64))
+        for i, result in zip(members, results):
+            outs[i] = result
+    return outs
+
+
+def scatter(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """For each (weight, sorted int64 positions, values in the weight's dtype): `weight.view(-1)[positions] = values`."""
+    flats = [(weight.view(-1), positions, values.contiguous()) for weight, positions, values in jobs]
+    groups, rest = _split(flats, lambda w, p, v: p.dtype == torch.int64 and v.dtype == w.dtype and v.numel() == p.numel())
+    for i in rest:
+        flats[i][0].scatter_(0, flats[i][1], flats[i][2])
+    for dtype, members in groups.items():
+        weights, positions = [flats[i][0] for i in members], [flats[i][1] for i in members]
+        values = [flats[i][2] for i in members]
+        sizes, chunks = _chunks(weights, positions)
+        with _launch():
+            _scatter(_addresses(weights), _addresses(positions), _addresses(values), sizes, chunks, _like(_BITS[dtype]), _like(np.int64))
+
+
+def gather_add_scatter(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], alpha: float) -> list[torch.Tensor]:
+    """For each (weight, sorted positions, fp32 deltas): write `W0 + alpha * deltas` there, return W0 (the backups).
+
+    One pass on CPU fp32 weights; other dtypes and devices: gather, add in fp32, cast once, scatter (same bits).
+    """
+    flats = [(weight.view(-1), positions, deltas) for weight, positions, deltas in jobs]
+    backups: list[torch.Tensor | None] = [None] * len(flats)
+    groups, rest = _split(flats, lambda w, p, d: w.dtype == d.dtype == torch.float32 and p.dtype == torch.int64 and d.numel() == p.numel())
+    if rest:
+        gathered = gather([flats[i][:2] for i in rest])
+        scatter([(flats[i][0], flats[i][1], add_scaled(backup.to(torch.float32, copy=True), flats[i][2], alpha).to(backup.dtype))
+                 for i, backup in zip(rest, gathered)])
+        for i, backup in zip(rest, gathered):
+            backups[i] = backup
+    for members in groups.values():
+        weights, positions = [flats[i][0] for i in members], [flats[i][1] for i in members]
+        deltas = [flats[i][2] for i in members]
+        results = [torch.empty(p.numel(), dtype=torch.float32) for p in positions]
+        sizes, chunks = _chunks(weights, positions)
+        with _launch():
+            _gather_add_scatter(_addresses(weights), _addresses(positions), _addresses(deltas), _addresses(results), sizes, chunks,
+                                np.float32(alpha), _like(np.float32), _like(np.int64))
+        for i, result in zip(members, results):
+            backups[i] = result
+    return backups
+
+
+def add_scaled(values: torch.Tensor, deltas: torch.Tensor, alpha: float, slots: torch.Tensor | None = None) -> torch.Tensor:
+    """`values[slots] += alpha * deltas` in fp32, in place; the product is rounded before the sum.
+
+    (`add_(x, alpha=a)` would use a fused multiply-add on CPU and give other bits than the compiled loop.)
+    """
+    scaled = deltas * alpha
+    if slots is None:
+        return values.add_(scaled)
+    return values.index_add_(0, slots, scaled)
+
+
+def decode(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+    """Positions from gap-coded files, checked on the way, for many tensors in one launch.
+
+    Each job: (uint16 gaps, int64 high-bit indices (increasing, in range), int64 high bits (>= 0), 1-D float
+    deltas of the same length, entries in the weight). Returns the int64 positions and, per job, (0, 0) or
+    (ZERO_GAP, gap index) / (OUT_OF_RANGE, last position) / (NONFINITE, delta index). Gaps >= 1 make
+    positions sorted, unique and >= 0 by construction, so these are all the checks positions need.
+    """
+    outs = [torch.empty(gaps.numel(), dtype=torch.int64) for gaps, *_ in jobs]
+    status = np.zeros((len(jobs), 2), dtype=np.int64)
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, (_, _, _, deltas, _) in enumerate(jobs):
+        groups.setdefault(deltas.dtype, []).append(i)
+    for dtype, members in groups.items():
+        if numba is None:
+            for i in members:
+                outs[i], status[i] = _decode_torch(*jobs[i])
+            continue
+        bits, mask = _NONFINITE[dtype]
+        gaps = [jobs[i][0].contiguous() for i in members]
+        hi_index, hi = [jobs[i][1].contiguous() for i in members], [jobs[i][2].contiguous() for i in members]
+        deltas = [jobs[i][3].contiguous() for i in members]
+        sizes = np.array([(g.numel(), jobs[i][4], h.numel()) for i, g, h in zip(members, gaps, hi_index)], dtype=np.int64).reshape(-1, 3)
+        part = np.zeros((len(members), 2), dtype=np.int64)
+        with _launch():
+            _decode(_addresses(gaps), _addresses(hi_index), _addresses(hi), _addresses(deltas), _addresses([outs[i] for i in members]),
+                    sizes, part, bits(mask), _like(np.uint16), _like(np.int64), _like(bits), _like(np.int64))
+        status[members] = part
+    return outs, [tuple(int(v) for v in row) for row in status]
+
+
+def _decode_torch(gaps: torch.Tensor, hi_index: torch.Tensor, hi: torch.Tensor, deltas: torch.Tensor, numel: int):
+    """`decode` for one job with torch ops (installs without numba): same positions, same first problem."""
+    full = gaps.to(torch.int64)
+    if hi_index.numel():
+        full[hi_index] += hi << 16
+    positions = torch.cumsum(full, 0) - 1
+    problems = [(int(found[0]), kind) for found, kind in ((torch.nonzero(full == 0), ZERO_GAP),
+                (torch.nonzero(~torch.isfinite(deltas)), NONFINITE)) if found.numel()]
+    if problems:
+        index, kind = min(problems)  # the first by index, as the compiled loop finds it
+        return positions, (kind, index)
+    if positions.numel() and int(positions[-1]) >= numel:
+        return positions, (OUT_OF_RANGE, int(positions[-1]))
+    return positions, (0, 0)

@@ -1,0 +1,113 @@
+"""The compiled (numba) kernels and their torch fallback write the same bits, batch many weights, and decode safely."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shira_diffusion import kernels
+from shira_diffusion.format import encode_positions
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def path(request, monkeypatch):
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "numba", None)
+    elif kernels.numba is None:
+        pytest.skip("numba is not installed")
+    return request.param
+
+
+def weights_and_jobs(dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(shape, generator=generator).to(dtype) for shape in ((96, 80), (70_000,), (5, 5), (3, 4, 3, 3))]
+    counts = (700, 69_000, 0, 30)  # 69 000 positions span several parallel pieces; an empty job in between
+    positions = [torch.randperm(w.numel(), generator=generator)[:n].sort().values for w, n in zip(weights, counts)]
+    deltas = [torch.randn(p.numel(), generator=generator) * 0.01 for p in positions]
+    return weights, positions, deltas
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_add_scatter_writes_w0_plus_alpha_delta_and_restores_exactly(path, dtype):
+    weights, positions, deltas = weights_and_jobs(dtype)
+    originals = [w.clone() for w in weights]
+    backups = kernels.gather_add_scatter(list(zip(weights, positions, deltas)), 0.7)
+    for weight, original, index, delta, backup in zip(weights, originals, positions, deltas, backups):
+        assert torch.equal(backup, original.view(-1)[index])
+        expected = original.clone().view(-1)
+        expected[index] = (original.view(-1)[index].float() + delta * 0.7).to(dtype)  # product rounded, then the sum
+        assert torch.equal(weight.view(-1), expected)
+    assert [torch.equal(g, w.view(-1)[p]) for g, w, p in zip(kernels.gather(list(zip(weights, positions))), weights, positions)] == [True] * 4
+    kernels.scatter(list(zip(weights, positions, backups)))
+    assert all(torch.equal(w, o) for w, o in zip(weights, originals))
+
+
+def test_compiled_and_torch_paths_give_identical_bits(monkeypatch):
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    results = []
+    for numba in (kernels.numba, None):
+        monkeypatch.setattr(kernels, "numba", numba)
+        weights, positions, deltas = weights_and_jobs(torch.float32, seed=3)
+        kernels.gather_add_scatter(list(zip(weights, positions, deltas)), -1.3)
+        results.append(weights)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_kernels_leave_torch_thread_count_alone():
+    before = torch.get_num_threads()
+    weights, positions, deltas = weights_and_jobs(torch.float32)
+    kernels.scatter([(w, p, kernels.gather([(w, p)])[0]) for w, p in zip(weights, positions)])
+    assert torch.get_num_threads() == before
+
+
+def test_compiled_loops_refuse_out_of_range_positions_before_any_write():
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    weight = torch.zeros(10)
+    with pytest.raises(IndexError, match="outside a weight of 10 entries"):
+        kernels.scatter([(torch.zeros(4), torch.tensor([0, 1]), torch.ones(2)), (weight, torch.tensor([3, 10]), torch.ones(2))])
+    assert torch.equal(weight, torch.zeros(10))  # the loops do not bounds-check: nothing may run
+
+
+def encoded(positions, deltas):
+    parts = encode_positions(torch.tensor(positions))
+    return parts["gaps"], parts["gaps_hi_index"].to(torch.int64), parts["gaps_hi"].to(torch.int64), deltas
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_finds_the_first_problem_of_each_tensor(path, dtype):
+    far = [0, 3, 70_000, 200_000]  # two gaps need high bits
+    jobs = [
+        (*encoded(far, torch.ones(4, dtype=dtype)), 300_000),
+        (*encoded([1, 5, 9], torch.tensor([0.5, float("inf"), float("nan")]).to(dtype)), 100),
+        (*encoded([1, 5, 9], torch.ones(3, dtype=dtype)), 9),  # 9 is out of a 9-entry weight
+        (torch.tensor([2, 0, 4], dtype=torch.int32).to(torch.uint16), torch.zeros(0, dtype=torch.int64),
+         torch.zeros(0, dtype=torch.int64), torch.ones(3, dtype=dtype), 100),
+    ]
+    positions, problems = kernels.decode(jobs)
+    assert positions[0].tolist() == far
+    assert problems == [(0, 0), (kernels.NONFINITE, 1), (kernels.OUT_OF_RANGE, 9), (kernels.ZERO_GAP, 1)]
+
+
+def test_pipeline_load_fuse_unload_is_the_same_on_both_paths(monkeypatch):
+    from shira_diffusion.testing import tiny_pipeline
+
+    from .helpers import assert_unchanged, random_adapter, snapshot
+
+    fused = []
+    for numba in (kernels.numba, None):
+        monkeypatch.setattr(kernels, "numba", numba)
+        pipe = tiny_pipeline("sd")
+        before = snapshot(pipe)
+        pipe.load_shira_weights(random_adapter(pipe, 0, ("unet", "text_encoder")), adapter_name="a", alpha=0.8)
+        fused.append(snapshot(pipe))  # one adapter: the one-pass write
+        pipe.load_shira_weights(random_adapter(pipe, 1, ("unet",)), adapter_name="b")
+        pipe.set_shira_adapters(["a", "b"], [0.6, -0.4])
+        fused.append(snapshot(pipe))
+        pipe.unload_shira_weights()
+        assert_unchanged(pipe, before)
+    for compiled, fallback in ((fused[0], fused[2]), (fused[1], fused[3])):
+        assert compiled.keys() == fallback.keys() and all(torch.equal(compiled[k], fallback[k]) for k in compiled)
