@@ -1,15 +1,15 @@
 """DreamBooth-style style training of SHiRA adapters (and a LoRA baseline in the same loop), on accelerate.
 
 Two SHiRA implementations (`--impl`):
-- `sparse` (default): only the masked values are parameters. Each adapted Linear / Conv2d keeps its frozen
-  weight W0 and gets `shira_values` (k fp32 values) and `shira_positions`; its forward computes
-  op(x, W0 + scatter(values)) with a custom autograd function that saves only x (plus references to W0
-  and the k values) and rebuilds W0 + scatter(values) in backward. A parametrization (or PEFT's SHiRA layer)
-  instead hands the full effective weight to F.linear, which keeps it alive from forward to backward: one
-  extra full-size copy of every adapted weight for the whole step. Here at most one such copy exists at a
-  time, so activation memory is LoRA's or less (LoRA also keeps its rank-r intermediate), and the optimizer
-  holds only the values. The values are written with one rounding, fp32(W0[p]) + v -> weight dtype, as the
-  scatter engine loads an adapter, so the exported adapter reproduces the trained model bit for bit in fp32.
+- `sparse` (default): only the masked values are parameters. Each adapted Linear / Conv2d gets
+  `shira_values` (k fp32 values), `shira_positions` and `shira_base` (W0 at those positions, k values); its
+  forward writes W0[p] + v into the frozen weight in place (k writes) and runs the plain op on it, through a
+  custom autograd function that saves only x. A parametrization (or PEFT's SHiRA layer) instead hands a new
+  full effective weight to F.linear, which keeps it alive from forward to backward: one extra full-size
+  copy of every adapted weight for the whole step. Here no copy of a weight is ever made; the one full-size
+  transient is dW in backward, from which the k entries are kept. The optimizer holds only the values. The
+  values are written with one rounding, fp32(W0[p]) + v -> weight dtype, as the scatter engine loads an
+  adapter, so the exported adapter reproduces the trained model bit for bit in fp32.
   Weight decay applies to the values, i.e. pulls the weights toward the base model (as LoRA's does to A, B).
 - `hook`: the paper's "turn any trainer into SHiRA": the full target weights are trainable and a
   `register_post_accumulate_grad_hook` zeroes their gradient outside the mask (registered before
@@ -156,38 +156,47 @@ def find_targets(model: nn.Module, patterns: tuple[str, ...] | list[str], includ
 
 
 # ---- SHiRA trainables -----------------------------------------------------------------------------------
-def _effective_weight(weight: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A fresh W0 with W0[p] + v at the mask positions, summed in fp32 and rounded once (as the engine loads)."""
-    flat = weight.detach().reshape(-1)
+@torch.no_grad()
+def _write_effective(module: nn.Module) -> None:
+    """W[p] = W0[p] + v in place (summed in fp32, rounded once, as the engine loads): no full-size copy."""
+    weight = module.weight
     accumulate = torch.promote_types(weight.dtype, torch.float32)
-    merged = (flat.index_select(0, positions).to(accumulate) + values.detach().to(accumulate)).to(weight.dtype)
-    return flat.clone().index_copy_(0, positions, merged).view(weight.shape)
+    merged = module.shira_base.to(accumulate) + module.shira_values.detach().to(accumulate)
+    weight.view(-1).index_copy_(0, module.shira_positions, merged.to(weight.dtype))
 
 
 class _SparseDeltaOp(torch.autograd.Function):
-    """y = linear/conv2d(x, W0 + scatter(values)); saves x, not the effective weight (rebuilt in backward)."""
+    """y = linear/conv2d(x, W0 + scatter(values)) with the k values written into the frozen weight in place.
+
+    Memory: no effective-weight copy in forward or backward (the weight holds W0 + v; W0 at the positions is
+    kept as k values); the one full-size transient is dW in backward, from which the k entries are kept.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, positions, values, conv):
+    def forward(ctx, x, values, module, conv):
+        _write_effective(module)  # values change only at optimizer.step(): every forward writes the same bits
+        weight, bias = module.weight, module.bias
         device_type = x.device.type
         # Under autocast (accelerate's mixed precision) compute in the autocast dtype like nn.Linear would.
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-        w = _effective_weight(weight, positions, values).to(dtype)
-        xc, bc = x.to(dtype), None if bias is None else bias.to(dtype)
+        w, xc, bc = weight.to(dtype), x.to(dtype), None if bias is None else bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
             y = F.linear(xc, w, bc) if conv is None else F.conv2d(xc, w, bc, *conv)
-        ctx.save_for_backward(xc, weight, positions, values)
-        ctx.conv, ctx.dtype, ctx.x_dtype = conv, dtype, x.dtype
+        ctx.save_for_backward(xc)
+        # The module, not save_for_backward(weight): a recomputed forward (gradient checkpointing) rewrites the
+        # weight in place with the same bits, which autograd's version check would reject.
+        ctx.module, ctx.conv, ctx.dtype, ctx.x_dtype = module, conv, dtype, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, weight, positions, values = ctx.saved_tensors
-        need_x, need_bias, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[4]
+        (x,) = ctx.saved_tensors
+        module, need_x, need_values = ctx.module, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        weight, positions = module.weight, module.shira_positions
         grad_output = grad_output.to(ctx.dtype)
-        grad_x = grad_values = grad_bias = None
-        if need_x:  # the effective weight's only use: rebuilt, used, dropped before dW exists
-            w = _effective_weight(weight, positions, values).to(ctx.dtype)
+        grad_x = grad_values = None
+        if need_x:
+            w = weight.to(ctx.dtype)
             if ctx.conv is None:
                 grad_x = grad_output @ w
             else:
@@ -199,11 +208,9 @@ class _SparseDeltaOp(torch.autograd.Function):
                 grad_w = grad_output.reshape(-1, grad_output.shape[-1]).T @ x.reshape(-1, x.shape[-1])
             else:
                 grad_w = _conv_backward(grad_output, x, grad_output.new_empty(1).expand(weight.shape), ctx.conv, (False, True, False))[1]
-            grad_values = grad_w.reshape(-1).index_select(0, positions).to(values.dtype)
+            grad_values = grad_w.reshape(-1).index_select(0, positions).to(module.shira_values.dtype)
             del grad_w
-        if need_bias:
-            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0) if ctx.conv is None else grad_output.sum((0, 2, 3))
-        return grad_x, None, grad_bias, None, grad_values, None
+        return grad_x, grad_values, None, None
 
 
 def _conv_backward(grad_output, x, w, conv, mask):
@@ -218,7 +225,7 @@ def _sparse_forward(module: nn.Module):
         conv = (tuple(module.stride), tuple(module.padding), tuple(module.dilation), module.groups)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return _SparseDeltaOp.apply(x, module.weight, module.bias, module.shira_positions, module.shira_values, conv)
+        return _SparseDeltaOp.apply(x, module.shira_values, module, conv)
 
     return forward
 
@@ -254,6 +261,7 @@ class ShiraTrainable:
                     raise ConfigError(f"{name}: --impl sparse supports Linear and zero-padded Conv2d layers; use --impl hook")
                 weight.requires_grad_(False)
                 module.register_buffer("shira_positions", pos, persistent=False)
+                module.register_buffer("shira_base", weight.detach().view(-1).index_select(0, pos), persistent=False)  # W0 there
                 module.register_parameter("shira_values", nn.Parameter(torch.zeros(pos.numel(), device=weight.device)))
                 module.forward = _sparse_forward(module)
             else:
@@ -335,8 +343,8 @@ class ShiraTrainable:
         self.hooks.clear()
         for name, module in self.modules.items():
             if self.impl == "sparse" and "shira_values" in module._parameters:
-                module.weight.data = _effective_weight(module.weight, module.shira_positions, module.shira_values)
-                del module.forward, module._parameters["shira_values"], module._buffers["shira_positions"]
+                _write_effective(module)  # the values may have changed since the last forward
+                del module.forward, module._parameters["shira_values"], module._buffers["shira_positions"], module._buffers["shira_base"]
             module.weight.requires_grad_(False)
 
 
