@@ -65,24 +65,19 @@ if numba is not None:
 
     # Slicing first and reading each index once into a local lets LLVM keep pointers in registers.
     @numba.njit(parallel=True, nogil=True, cache=True)
-    def _gather(weights, positions, outs, sizes, chunks, wlike, ilike):
+    def _copy(weights, positions, buffers, sizes, chunks, into_weights, wlike, ilike):
+        # buffer[i] = weight[index[i]] (gather), or weight[index[i]] = buffer[i] (scatter) when into_weights.
         for c in numba.prange(chunks.shape[0]):
             job, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
             weight = _view(weights[job], sizes[job, 1], wlike)
             index = _view(positions[job], sizes[job, 0], ilike)[start:stop]
-            out = _view(outs[job], sizes[job, 0], wlike)[start:stop]
-            for i in range(stop - start):
-                out[i] = weight[index[i]]
-
-    @numba.njit(parallel=True, nogil=True, cache=True)
-    def _scatter(weights, positions, values, sizes, chunks, wlike, ilike):
-        for c in numba.prange(chunks.shape[0]):
-            job, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-            weight = _view(weights[job], sizes[job, 1], wlike)
-            index = _view(positions[job], sizes[job, 0], ilike)[start:stop]
-            value = _view(values[job], sizes[job, 0], wlike)[start:stop]
-            for i in range(stop - start):
-                weight[index[i]] = value[i]
+            buffer = _view(buffers[job], sizes[job, 0], wlike)[start:stop]
+            if into_weights:
+                for i in range(stop - start):
+                    weight[index[i]] = buffer[i]
+            else:
+                for i in range(stop - start):
+                    buffer[i] = weight[index[i]]
 
     @numba.njit(parallel=True, nogil=True, cache=True)
     def _gather_add_scatter(weights, positions, deltas, backups, sizes, chunks, alpha, wlike, ilike):
@@ -181,7 +176,7 @@ def gather(jobs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tens
         results = [torch.empty(p.numel(), dtype=dtype) for p in positions]
         sizes, chunks = _chunks(weights, positions)
         with _launch():
-            _gather(_addresses(weights), _addresses(positions), _addresses(results), sizes, chunks, _like(_BITS[dtype]), _like(np.int64))
+            _copy(_addresses(weights), _addresses(positions), _addresses(results), sizes, chunks, False, _like(_BITS[dtype]), _like(np.int64))
         for i, result in zip(members, results):
             outs[i] = result
     return outs
@@ -198,7 +193,7 @@ def scatter(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> 
         values = [flats[i][2] for i in members]
         sizes, chunks = _chunks(weights, positions)
         with _launch():
-            _scatter(_addresses(weights), _addresses(positions), _addresses(values), sizes, chunks, _like(_BITS[dtype]), _like(np.int64))
+            _copy(_addresses(weights), _addresses(positions), _addresses(values), sizes, chunks, True, _like(_BITS[dtype]), _like(np.int64))
 
 
 def gather_add_scatter(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], alpha: float) -> list[torch.Tensor]:
