@@ -6,8 +6,9 @@ adapters' positions) and `backup` (the original values there). Every write recom
     W[p] = W0[p] + sum_i alpha_i * S_i[p]      (accumulated in fp32 from the backup, cast once)
 
 over those positions only, so unloading restores W0 bit for bit in any dtype, whatever happened before
-(nothing is ever subtracted). Writes go through `scatter_` on the existing parameter storage: no new
-Parameter objects, no module surgery, so hooks, offloading and compiled graphs stay valid.
+(nothing is ever subtracted). Writes go in place into the existing parameter storage (`kernels`: one
+compiled pass over all weights on CPUs, torch's scatter elsewhere): no new Parameter objects, no module
+surgery, so hooks, offloading and compiled graphs stay valid.
 
 Usage:
     engine = ScatterEngine({"unet": pipe.unet})
@@ -174,6 +175,8 @@ class ScatterEngine:
             names = self.check_names(names)
             gone = set(names)
             keys = self._keys_of(gone)
+            for key in keys:
+                self._bring_to(key, self.targets[key].parameter)
             self._restore([self.targets[key] for key in keys])
             for key in keys:
                 target = self.targets[key]

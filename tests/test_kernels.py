@@ -111,3 +111,4 @@ def test_pipeline_load_fuse_unload_is_the_same_on_both_paths(monkeypatch):
         assert_unchanged(pipe, before)
     for compiled, fallback in ((fused[0], fused[2]), (fused[1], fused[3])):
         assert compiled.keys() == fallback.keys() and all(torch.equal(compiled[k], fallback[k]) for k in compiled)
+

@@ -307,3 +307,13 @@ def test_cuda_fp16_and_model_cpu_offload(offload):
     pipe.unload_shira_weights()
     assert np.array_equal(generate(pipe), base_images)
     assert_unchanged(pipe, before)
+
+
+def test_unload_after_the_pipeline_changed_dtype_restores_the_new_dtypes_originals():
+    pipe = tiny_pipeline("sd")
+    pipe.load_shira_weights(random_adapter(pipe, 0, ("unet",)), adapter_name="a")
+    reference = tiny_pipeline("sd").to(torch.float16)  # the same base weights, cast without the adapter
+    pipe.to(torch.float16)
+    pipe.unload_shira_weights()
+    after, expected = snapshot(pipe), snapshot(reference)
+    assert all(torch.equal(after[key], expected[key]) for key in expected)
