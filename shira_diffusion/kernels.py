@@ -151,13 +151,13 @@ def _launch():
                 torch.set_num_threads(torch_threads)
 
 
-def _split(jobs: Sequence[tuple], compiled) -> tuple[dict, list[int]]:
+def _split(jobs: Sequence[tuple], fits) -> tuple[dict, list[int]]:
     """Job indices one compiled launch can take, grouped by weight dtype; the rest go to torch one by one."""
     groups: dict[torch.dtype, list[int]] = {}
     rest = []
     for i, job in enumerate(jobs):
         weight = job[0]
-        if numba is not None and weight.dtype in _BITS and all(t.device.type == "cpu" and t.is_contiguous() for t in job) and compiled(*job):
+        if numba is not None and weight.dtype in _BITS and all(t.device.type == "cpu" and t.is_contiguous() for t in job) and fits(*job):
             groups.setdefault(weight.dtype, []).append(i)
         else:
             rest.append(i)
