@@ -49,6 +49,17 @@ ZERO_GAP, OUT_OF_RANGE, NONFINITE = 1, 2, 3  # decode problems: status[job] = (k
 
 if numba is not None:
 
+    def _compiled(**options):
+        """numba.njit with its on-disk cache where one can be written, else compiled once per process."""
+
+        def wrap(function):
+            try:
+                return numba.njit(cache=True, **options)(function)
+            except RuntimeError:  # no writable cache location (read-only install and home directory)
+                return numba.njit(**options)(function)
+
+        return wrap
+
     @intrinsic
     def _pointer(typingctx, address, like):
         """A typed pointer to `address` (an int64 from `tensor.data_ptr()`); `like` gives the element type."""
@@ -64,7 +75,7 @@ if numba is not None:
         return numba.carray(_pointer(address, like), count)
 
     # Slicing first and reading each index once into a local lets LLVM keep pointers in registers.
-    @numba.njit(parallel=True, nogil=True, cache=True)
+    @_compiled(parallel=True, nogil=True)
     def _copy(weights, positions, buffers, sizes, chunks, into_weights, wlike, ilike):
         # buffer[i] = weight[index[i]] (gather), or weight[index[i]] = buffer[i] (scatter) when into_weights.
         for c in numba.prange(chunks.shape[0]):
@@ -79,7 +90,7 @@ if numba is not None:
                 for i in range(stop - start):
                     buffer[i] = weight[index[i]]
 
-    @numba.njit(parallel=True, nogil=True, cache=True)
+    @_compiled(parallel=True, nogil=True)
     def _gather_add_scatter(weights, positions, deltas, backups, sizes, chunks, alpha, wlike, ilike):
         for c in numba.prange(chunks.shape[0]):
             job, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
@@ -93,7 +104,7 @@ if numba is not None:
                 backup[i] = old
                 weight[at] = old + alpha * delta[i]  # no fastmath: product rounded, then sum, as in torch
 
-    @numba.njit(parallel=True, nogil=True, cache=True)
+    @_compiled(parallel=True, nogil=True)
     def _decode(gaps, hi_index, hi, deltas, outs, sizes, status, mask, glike, hlike, dlike, ilike):
         for job in numba.prange(sizes.shape[0]):
             count, numel, n_hi = sizes[job, 0], sizes[job, 1], sizes[job, 2]

@@ -112,3 +112,21 @@ def test_pipeline_load_fuse_unload_is_the_same_on_both_paths(monkeypatch):
     for compiled, fallback in ((fused[0], fused[2]), (fused[1], fused[3])):
         assert compiled.keys() == fallback.keys() and all(torch.equal(compiled[k], fallback[k]) for k in compiled)
 
+
+
+def test_kernels_still_compile_where_no_cache_directory_is_writable(monkeypatch):
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    real_njit = kernels.numba.njit
+
+    def njit(*args, cache=False, **options):  # what numba does with cache=True on a read-only install and home
+        if cache:
+            raise RuntimeError("cannot cache function 'twice': no locator available for file 'kernels.py'")
+        return real_njit(*args, **options)
+
+    monkeypatch.setattr(kernels.numba, "njit", njit)
+
+    def twice(values):
+        return values * 2
+
+    assert kernels._compiled(nogil=True)(twice)(21) == 42
