@@ -1,68 +1,88 @@
 """Training memory and speed: SHiRA `sparse` vs `hook` vs LoRA at equal trainable parameters (SHiRA budget
-r*(m+n) per weight = LoRA rank r), SD 1.5-shaped UNet, 32x32 latents, batch 1, AdamW, a few steps. Each
-variant runs in its own process so its peak memory is its own (process max RSS on CPU;
-torch.cuda.max_memory_allocated on GPU).
+r*(m+n) per weight = LoRA rank r), SD 1.5-shaped UNet, batch 1, AdamW, a few steps, in two precisions:
+fp32 (the issue's setting) and the DreamBooth recipe (frozen model in half precision, fp32 trainables,
+autocast: bf16 on CPU, fp16 on GPU; `hook` trains full fp32 weights, so it has no row there). Each run is
+its own process so its peak memory is its own: process peak RSS on CPU (reset after the model is built,
+where Linux allows), torch.cuda.max_memory_allocated on GPU.
 
-Usage: python -m benchmarks.training [--smoke] [--rank 64] [--steps 4]
+Usage: python -m benchmarks.training [--smoke] [--rank 64] [--steps 4] [--latent-size 32]
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+_STATUS = Path("/proc/self/status")
 
-def run_variant(variant: str, smoke: bool, rank: int, steps: int) -> dict:
-    from shira_diffusion.masks import build_masks
-    from shira_diffusion.training import ShiraTrainable, attach_lora, find_targets
+
+def _rss_mb(field: str) -> float | None:
+    """VmRSS / VmHWM of this process in MB (Linux), else None."""
+    try:
+        line = next(line for line in _STATUS.read_text().splitlines() if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) / 1024
+
+
+def _reset_peak_rss() -> float:
+    """Start the peak-RSS count from now, where Linux allows it; returns the RSS it starts from (MB)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return _rss_mb("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_rss_mb() -> float:
+    return _rss_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_variant(variant: str, precision: str, smoke: bool, rank: int, steps: int, latent_size: int) -> dict:
+    from shira_diffusion.training import prepare_trainable
 
     from .common import TARGETS, sd15_unet
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    unet = sd15_unet(smoke).to(device)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    targets = find_targets(unet, TARGETS)
-    if variant == "lora":
-        params = attach_lora(unet, sorted(targets), rank)
-        groups = [{"params": params}]
-        trainable = None
-    else:
-        masks = build_masks({n: m.weight for n, m in targets.items()}, "rand", r=rank, seed=0)
-        trainable = ShiraTrainable(unet, masks, variant)
-        groups = [trainable.param_group(1e-2)]
-        params = groups[0]["params"]
-    count = sum(p.numel() if variant != "hook" else 0 for p in params) or sum(m.numel() for m in masks.values())
-    optimizer = torch.optim.AdamW(groups, lr=1e-4, weight_decay=1e-2)
-    size = 4 if smoke else 32
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 4, size, size, generator=generator).to(device)
-    hidden = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator).to(device)
-    if smoke:
-        latents = torch.randn(1, 4, unet.config.sample_size, unet.config.sample_size, generator=generator).to(device)
+    half = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    unet = sd15_unet(smoke, half or torch.float32).to(device)
+    gc.collect()
+    # From here on everything counts: the adapter's own state (positions, W0 there) and the training step.
+    baseline = _reset_peak_rss() if device == "cpu" else torch.cuda.memory_allocated() / 2**20
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    trainable = prepare_trainable(unet, "lora" if variant == "lora" else "shira", impl=variant, rank=rank, target_modules=TARGETS)
+    for _, p in trainable.named_parameters():  # diffusers' cast_training_params: fp32 trainables over a half model
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW([trainable.param_group(1e-2)], lr=1e-4, weight_decay=1e-2)
+    size = unet.config.sample_size if smoke else latent_size
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, size, size, generator=generator).to(device, half or torch.float32)
+    hidden = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator).to(device, half or torch.float32)
     times = []
     for step in range(steps + 1):
         start = time.perf_counter()
-        loss = unet(latents, torch.tensor([500], device=device), hidden).sample.square().mean()
+        with torch.autocast(device, dtype=half, enabled=half is not None):
+            loss = unet(latents, torch.tensor([500], device=device), hidden).sample.float().square().mean()
         loss.backward()
-        if trainable is not None:
-            trainable.decay_toward_base(1e-4, 1e-2)
+        trainable.decay_toward_base(1e-4, 1e-2)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
         if step:
             times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _peak_rss_mb()
     times.sort()
-    return {"variant": variant, "trainable parameters": count, "peak memory MB": peak / 2**20,
-            "peak over model MB": (peak - (0 if device == "cuda" else baseline)) / 2**20, "steps/s": 1 / times[len(times) // 2]}
+    return {"precision": precision, "variant": variant, "trainable parameters": trainable.num_parameters,
+            "peak memory MB": peak, "peak over model MB": peak - baseline, "steps/s": 1 / times[len(times) // 2]}
 
 
 def main() -> None:
@@ -71,27 +91,36 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--latent-size", type=int, default=32, help="latent height = width (64 is SD 1.5's 512 px)")
     p.add_argument("--variant", help="internal: run one variant and print JSON")
+    p.add_argument("--precision", default="fp32", help="internal: the precision of that variant")
     args = p.parse_args()
     rank = 2 if args.smoke else args.rank
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.smoke, rank, args.steps)))
+        print(json.dumps(run_variant(args.variant, args.precision, args.smoke, rank, args.steps, args.latent_size)))
         return
+    half = "fp16" if torch.cuda.is_available() else "bf16"
     rows = []
-    for variant in ("lora", "sparse", "hook"):
-        command = [sys.executable, "-m", "benchmarks.training", "--variant", variant, "--rank", str(rank), "--steps", str(args.steps)] + (["--smoke"] if args.smoke else [])
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        rows.append(json.loads(output))
-    lora = rows[0]
+    for precision, variants in (("fp32", ("lora", "sparse", "hook")), (half, ("lora", "sparse"))):
+        for variant in variants:
+            command = [sys.executable, "-m", "benchmarks.training", "--variant", variant, "--precision", precision, "--rank", str(rank),
+                       "--steps", str(args.steps), "--latent-size", str(args.latent_size)] + (["--smoke"] if args.smoke else [])
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            rows.append(json.loads(output))
     for row in rows:
+        lora = next(r for r in rows if r["precision"] == row["precision"] and r["variant"] == "lora")
         row["memory vs LoRA"] = row["peak memory MB"] / lora["peak memory MB"]
+        row["over-model memory vs LoRA"] = row["peak over model MB"] / lora["peak over model MB"]
         row["speed vs LoRA"] = row["steps/s"] / lora["steps/s"]
+    shape = "tiny UNet" if args.smoke else f"{args.latent_size}x{args.latent_size} latents"
     write_result("training", rows, args.out, [
-        f"SHiRA r={rank} budget (rand mask) vs LoRA rank {rank} on the same 160 attention + FF linears; AdamW; batch 1; "
-        + ("tiny UNet" if args.smoke else "32x32 latents"),
-        "peak memory: process max RSS on CPU (includes the fp32 model); 'peak over model' subtracts the RSS after building the model",
-        "target: sparse <= 0.85x LoRA's peak memory at >= 0.95x its step rate (the paper's GPU numbers: -16.6 % memory, -2.9 % steps/s)",
-    ], {"smoke": args.smoke})
+        f"SHiRA r={rank} budget (rand mask) vs LoRA rank {rank} on the same 160 attention + FF linears; AdamW; batch 1; {shape}",
+        f"fp32: everything in fp32; {half}: the DreamBooth recipe (frozen model in {half}, fp32 trainables, autocast)",
+        "peak memory: process peak RSS on CPU (includes the model); 'peak over model' counts from the RSS once the model "
+        "is built, before the adapter is attached (GPU: max_memory_allocated, over the memory allocated then)",
+        "target: sparse <= 0.85x LoRA's peak memory at >= 0.95x its step rate (the paper's GPU numbers on LLaMA2-7B: "
+        "-16.6 % memory, -2.9 % steps/s)",
+    ], {"smoke": args.smoke, "latent size": args.latent_size})
 
 
 if __name__ == "__main__":

@@ -162,49 +162,56 @@ def _launch():
                 torch.set_num_threads(torch_threads)
 
 
+_INDEX = {torch.int64: np.int64, torch.int32: np.int32}  # position dtypes the compiled loops take
+
+
 def _split(jobs: Sequence[tuple], fits) -> tuple[dict, list[int]]:
-    """Job indices one compiled launch can take, grouped by weight dtype; the rest go to torch one by one."""
-    groups: dict[torch.dtype, list[int]] = {}
+    """Job indices one compiled launch can take, grouped by (weight dtype, position dtype); the rest go to
+    torch one by one."""
+    groups: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
     rest = []
     for i, job in enumerate(jobs):
-        weight = job[0]
-        if numba is not None and weight.dtype in _BITS and all(t.device.type == "cpu" and t.is_contiguous() for t in job) and fits(*job):
-            groups.setdefault(weight.dtype, []).append(i)
+        weight, positions = job[0], job[1]
+        if (numba is not None and weight.dtype in _BITS and positions.dtype in _INDEX
+                and all(t.device.type == "cpu" and t.is_contiguous() for t in job) and fits(*job)):
+            groups.setdefault((weight.dtype, positions.dtype), []).append(i)
         else:
             rest.append(i)
     return groups, rest
 
 
 def gather(jobs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """For each (weight, sorted int64 positions): `weight.view(-1)[positions]` as a new tensor."""
+    """For each (weight, sorted int64 / int32 positions): `weight.view(-1)[positions]` as a new tensor."""
     flats = [(weight.view(-1), positions) for weight, positions in jobs]
     outs: list[torch.Tensor | None] = [None] * len(flats)
-    groups, rest = _split(flats, lambda w, p: p.dtype == torch.int64)
+    groups, rest = _split(flats, lambda w, p: True)
     for i in rest:
         outs[i] = flats[i][0].index_select(0, flats[i][1])
-    for dtype, members in groups.items():
+    for (dtype, index_dtype), members in groups.items():
         weights, positions = [flats[i][0] for i in members], [flats[i][1] for i in members]
         results = [torch.empty(p.numel(), dtype=dtype) for p in positions]
         sizes, chunks = _chunks(weights, positions)
         with _launch():
-            _copy(_addresses(weights), _addresses(positions), _addresses(results), sizes, chunks, False, _like(_BITS[dtype]), _like(np.int64))
+            _copy(_addresses(weights), _addresses(positions), _addresses(results), sizes, chunks, False, _like(_BITS[dtype]),
+                  _like(_INDEX[index_dtype]))
         for i, result in zip(members, results):
             outs[i] = result
     return outs
 
 
 def scatter(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-    """For each (weight, sorted int64 positions, values in the weight's dtype): `weight.view(-1)[positions] = values`."""
+    """For each (weight, sorted int64 / int32 positions, values in the weight's dtype): `weight.view(-1)[positions] = values`."""
     flats = [(weight.view(-1), positions, values.contiguous()) for weight, positions, values in jobs]
-    groups, rest = _split(flats, lambda w, p, v: p.dtype == torch.int64 and v.dtype == w.dtype and v.numel() == p.numel())
+    groups, rest = _split(flats, lambda w, p, v: v.dtype == w.dtype and v.numel() == p.numel())
     for i in rest:
-        flats[i][0].scatter_(0, flats[i][1], flats[i][2])
-    for dtype, members in groups.items():
+        flats[i][0].index_put_((flats[i][1],), flats[i][2])
+    for (dtype, index_dtype), members in groups.items():
         weights, positions = [flats[i][0] for i in members], [flats[i][1] for i in members]
         values = [flats[i][2] for i in members]
         sizes, chunks = _chunks(weights, positions)
         with _launch():
-            _copy(_addresses(weights), _addresses(positions), _addresses(values), sizes, chunks, True, _like(_BITS[dtype]), _like(np.int64))
+            _copy(_addresses(weights), _addresses(positions), _addresses(values), sizes, chunks, True, _like(_BITS[dtype]),
+                  _like(_INDEX[index_dtype]))
 
 
 def gather_add_scatter(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], alpha: float) -> list[torch.Tensor]:
@@ -214,21 +221,21 @@ def gather_add_scatter(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Te
     """
     flats = [(weight.view(-1), positions, deltas) for weight, positions, deltas in jobs]
     backups: list[torch.Tensor | None] = [None] * len(flats)
-    groups, rest = _split(flats, lambda w, p, d: w.dtype == d.dtype == torch.float32 and p.dtype == torch.int64 and d.numel() == p.numel())
+    groups, rest = _split(flats, lambda w, p, d: w.dtype == d.dtype == torch.float32 and d.numel() == p.numel())
     if rest:
         gathered = gather([flats[i][:2] for i in rest])
         scatter([(flats[i][0], flats[i][1], add_scaled(backup.to(torch.float32, copy=True), flats[i][2], alpha).to(backup.dtype))
                  for i, backup in zip(rest, gathered)])
         for i, backup in zip(rest, gathered):
             backups[i] = backup
-    for members in groups.values():
+    for (_, index_dtype), members in groups.items():
         weights, positions = [flats[i][0] for i in members], [flats[i][1] for i in members]
         deltas = [flats[i][2] for i in members]
         results = [torch.empty(p.numel(), dtype=torch.float32) for p in positions]
         sizes, chunks = _chunks(weights, positions)
         with _launch():
             _gather_add_scatter(_addresses(weights), _addresses(positions), _addresses(deltas), _addresses(results), sizes, chunks,
-                                np.float32(alpha), _like(np.float32), _like(np.int64))
+                                np.float32(alpha), _like(np.float32), _like(_INDEX[index_dtype]))
         for i, result in zip(members, results):
             backups[i] = result
     return backups

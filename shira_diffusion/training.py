@@ -2,7 +2,8 @@
 
 Two SHiRA implementations (`--impl`):
 - `sparse` (default): only the masked values are parameters. Each adapted Linear / Conv2d gets
-  `shira_values` (k fp32 values), `shira_positions` and `shira_base` (W0 at those positions, k values); its
+  `shira_values` (k fp32 values), `shira_positions` (int32: k values of 4 bytes, half of int64's share of the
+  adapter's memory) and `shira_base` (W0 at those positions, k values); its
   forward writes W0[p] + v into the frozen weight in place (k writes) and runs the plain op on it, through a
   custom autograd function that saves only x. A parametrization (or PEFT's SHiRA layer) instead hands a new
   full effective weight to F.linear, which keeps it alive from forward to backward: one extra full-size
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import StyleDataset, collate, read_image_folder
+from . import kernels
 from .format import SHIRA_WEIGHT_NAME, ShiraAdapter, SparseDelta
 from .masks import MASK_TYPES, build_masks
 
@@ -162,7 +164,7 @@ def _write_effective(module: nn.Module) -> None:
     weight = module.weight
     accumulate = torch.promote_types(weight.dtype, torch.float32)
     merged = module.shira_base.to(accumulate) + module.shira_values.detach().to(accumulate)
-    weight.view(-1).index_copy_(0, module.shira_positions, merged.to(weight.dtype))
+    kernels.scatter([(weight, module.shira_positions, merged.to(weight.dtype))])
 
 
 class _SparseDeltaOp(torch.autograd.Function):
@@ -208,7 +210,7 @@ class _SparseDeltaOp(torch.autograd.Function):
                 grad_w = grad_output.reshape(-1, grad_output.shape[-1]).T @ x.reshape(-1, x.shape[-1])
             else:
                 grad_w = _conv_backward(grad_output, x, grad_output.new_empty(1).expand(weight.shape), ctx.conv, (False, True, False))[1]
-            grad_values = grad_w.reshape(-1).index_select(0, positions).to(module.shira_values.dtype)
+            grad_values = kernels.gather([(grad_w.reshape(-1), positions)])[0].to(module.shira_values.dtype)
             del grad_w
         return grad_x, grad_values, None, None
 
@@ -260,6 +262,8 @@ class ShiraTrainable:
                 if not isinstance(module, (nn.Linear, nn.Conv2d)) or getattr(module, "padding_mode", "zeros") != "zeros" or isinstance(getattr(module, "padding", 0), str):
                     raise ConfigError(f"{name}: --impl sparse supports Linear and zero-padded Conv2d layers; use --impl hook")
                 weight.requires_grad_(False)
+                if weight.numel() <= torch.iinfo(torch.int32).max:
+                    pos = self.positions[name] = pos.to(torch.int32)  # the caller's int64 copy can be freed
                 module.register_buffer("shira_positions", pos, persistent=False)
                 module.register_buffer("shira_base", weight.detach().view(-1).index_select(0, pos), persistent=False)  # W0 there
                 module.register_parameter("shira_values", nn.Parameter(torch.zeros(pos.numel(), device=weight.device)))
@@ -330,7 +334,7 @@ class ShiraTrainable:
                 values = module.shira_values.detach().float()
             else:
                 values = module.weight.detach().view(-1).index_select(0, pos).float() - self.base_values[name].float()
-            result[f"{name}.weight"] = SparseDelta(tuple(module.weight.shape), pos.cpu(), values.cpu())
+            result[f"{name}.weight"] = SparseDelta(tuple(module.weight.shape), pos.to("cpu", torch.int64), values.cpu())
         return result
 
     export = deltas
@@ -670,7 +674,8 @@ def train(config: TrainingConfig) -> TrainingResult:
     output_dir.mkdir(parents=True, exist_ok=True)
     if config.adapter == "shira":
         masks = _load_or_build_masks(config, targets, output_dir, dataloader, diffusion_loss, accelerator)
-        trainables = {c: ShiraTrainable(components[c], masks[c], config.impl) for c in targets}
+        trainables = {c: ShiraTrainable(components[c], masks.pop(c), config.impl) for c in targets}  # pop: the
+        # trainables keep the positions (int32 for sparse), so the int64 masks need not stay alive
     else:
         trainables = {c: LoraTrainable(components[c], sorted(targets[c]), config.rank) for c in targets}
     named = [(f"{c}::{n}", p) for c, t in trainables.items() for n, p in t.named_parameters()]

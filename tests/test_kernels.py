@@ -29,9 +29,11 @@ def weights_and_jobs(dtype, seed=0):
     return weights, positions, deltas
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])  # int32: the trainer's compact positions
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gather_add_scatter_writes_w0_plus_alpha_delta_and_restores_exactly(path, dtype):
+def test_gather_add_scatter_writes_w0_plus_alpha_delta_and_restores_exactly(path, dtype, index_dtype):
     weights, positions, deltas = weights_and_jobs(dtype)
+    positions = [p.to(index_dtype) for p in positions]
     originals = [w.clone() for w in weights]
     backups = kernels.gather_add_scatter(list(zip(weights, positions, deltas)), 0.7)
     for weight, original, index, delta, backup in zip(weights, originals, positions, deltas, backups):
