@@ -25,7 +25,8 @@ def main() -> None:
     out = Path(args.out)
     for name in args.only:  # one process each: no memory or compile state carried over
         subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--out", str(out)] + (["--smoke"] if args.smoke else []), check=True)
-    parts = [(out / f"{name}.md").read_text() for name in BENCHMARKS if (out / f"{name}.md").is_file()]
+    names = [n for name in BENCHMARKS for n in (name, *(["training_latent64"] if name == "training" else []))]
+    parts = [(out / f"{name}.md").read_text() for name in names if (out / f"{name}.md").is_file()]
     (out / "summary.md").write_text("\n".join(parts))
     print(f"wrote {out / 'summary.md'}")
 

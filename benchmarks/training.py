@@ -6,6 +6,7 @@ its own process so its peak memory is its own: process peak RSS on CPU (reset af
 where Linux allows), torch.cuda.max_memory_allocated on GPU.
 
 Usage: python -m benchmarks.training [--smoke] [--rank 64] [--steps 4] [--latent-size 32]
+(--latent-size 64, SD 1.5's 512 px, writes training_latent64.json / .md)
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def main() -> None:
         row["over-model memory vs LoRA"] = row["peak over model MB"] / lora["peak over model MB"]
         row["speed vs LoRA"] = row["steps/s"] / lora["steps/s"]
     shape = "tiny UNet" if args.smoke else f"{args.latent_size}x{args.latent_size} latents"
-    write_result("training", rows, args.out, [
+    name = "training" if args.smoke or args.latent_size == 32 else f"training_latent{args.latent_size}"
+    write_result(name, rows, args.out, [
         f"SHiRA r={rank} budget (rand mask) vs LoRA rank {rank} on the same 160 attention + FF linears; AdamW; batch 1; {shape}",
         f"fp32: everything in fp32; {half}: the DreamBooth recipe (frozen model in {half}, fp32 trainables, autocast)",
         "peak memory: process peak RSS on CPU (includes the model); 'peak over model' counts from the RSS once the model "

@@ -222,6 +222,27 @@ def test_sparse_impl_holds_positions_as_int32_and_exports_the_mask_positions():
     assert all(torch.equal(deltas[f"{n}.weight"].positions, positions[n]) for n in targets)
 
 
+@pytest.mark.parametrize("density", [0.03, 0.5])  # below SAMPLED_DENSITY: dW at the positions only; above: dense dW
+def test_sparse_impl_value_gradients_match_the_dense_weight_gradient(monkeypatch, density):
+    from shira_diffusion import training
+
+    calls, sampled = [], training._sampled_grad
+    monkeypatch.setattr(training, "_sampled_grad", lambda *args: calls.append(1) or sampled(*args))
+    generator = torch.Generator().manual_seed(0)
+    layer = nn.Linear(48, 80)
+    nn.init.normal_(layer.weight, generator=generator)
+    x = torch.randn(2, 7, 48, generator=generator)
+    positions = torch.randperm(layer.weight.numel(), generator=generator)[: int(density * layer.weight.numel())].sort().values
+    reference = nn.Linear(48, 80)
+    reference.load_state_dict(layer.state_dict())
+    reference(x).square().sum().backward()
+    trainable = training.ShiraTrainable(nn.Sequential(layer), {"0": positions})
+    layer(x).square().sum().backward()
+    assert len(calls) == (density <= training.SAMPLED_DENSITY)
+    torch.testing.assert_close(layer.shira_values.grad, reference.weight.grad.view(-1)[positions], rtol=1e-5, atol=1e-4)
+    assert trainable.num_parameters == positions.numel()
+
+
 def test_shira_budget_r_matches_lora_rank_r_parameter_count():
     shira = prepare_trainable(tiny_pipeline("sd").unet.requires_grad_(False), "shira", rank=4)
     lora = prepare_trainable(tiny_pipeline("sd").unet.requires_grad_(False), "lora", rank=4)
