@@ -63,6 +63,7 @@ def run_variant(variant: str, precision: str, smoke: bool, rank: int, steps: int
     for _, p in trainable.named_parameters():  # diffusers' cast_training_params: fp32 trainables over a half model
         p.data = p.data.float()
     optimizer = torch.optim.AdamW([trainable.param_group(1e-2)], lr=1e-4, weight_decay=1e-2)
+    trainable.track(optimizer)  # as the trainer does
     size = unet.config.sample_size if smoke else latent_size
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, size, size, generator=generator).to(device, half or torch.float32)

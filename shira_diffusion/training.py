@@ -162,11 +162,20 @@ def find_targets(model: nn.Module, patterns: tuple[str, ...] | list[str], includ
 # ---- SHiRA trainables -----------------------------------------------------------------------------------
 @torch.no_grad()
 def _write_effective(module: nn.Module) -> None:
-    """W[p] = W0[p] + v in place (summed in fp32, rounded once, as the engine loads): no full-size copy."""
-    weight = module.weight
+    """W[p] = W0[p] + v in place (summed in fp32, rounded once, as the engine loads): no full-size copy.
+
+    Under `ShiraTrainable.track(optimizer)` the write is skipped while the values are those last written
+    (same tensor, same autograd version, no optimizer step since): they change only at optimizer steps.
+    """
+    weight, values = module.weight, module.shira_values
+    written = module.__dict__.get("shira_written")  # None: untracked, always write
+    if written is not None and written == (values.data_ptr(), values._version):
+        return
     accumulate = torch.promote_types(weight.dtype, torch.float32)
-    merged = module.shira_base.to(accumulate) + module.shira_values.detach().to(accumulate)
+    merged = module.shira_base.to(accumulate) + values.detach().to(accumulate)
     kernels.scatter([(weight, module.shira_positions, merged.to(weight.dtype))])
+    if written is not None:
+        module.shira_written = (values.data_ptr(), values._version)
 
 
 class _SparseDeltaOp(torch.autograd.Function):
@@ -313,6 +322,22 @@ class ShiraTrainable:
 
         return hook
 
+    def track(self, optimizer: torch.optim.Optimizer) -> None:
+        """Sparse impl: let forwards skip rewriting W0 + v until `optimizer` steps (or the values change in place,
+        e.g. a checkpoint load): one write per step instead of one per forward. Untracked, every forward writes
+        them, which is right with any optimizer (bitsandbytes' 8-bit Adam updates values behind autograd's back;
+        the step hook still sees it)."""
+        if self.impl != "sparse":
+            return
+        for module in self.modules.values():
+            module.shira_written = ()
+        optimizer.register_step_post_hook(lambda *_: self._values_changed())
+
+    def _values_changed(self) -> None:
+        for module in self.modules.values():
+            if "shira_written" in module.__dict__:
+                module.shira_written = ()
+
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of everything the optimizer trains: values (sparse) or full weights (hook)."""
         if self.impl == "sparse":
@@ -375,6 +400,7 @@ class ShiraTrainable:
         self.hooks.clear()
         for name, module in self.modules.items():
             if self.impl == "sparse" and "shira_values" in module._parameters:
+                module.__dict__.pop("shira_written", None)
                 _write_effective(module)  # the values may have changed since the last forward
                 del module.forward, module._parameters["shira_values"], module._buffers["shira_positions"], module._buffers["shira_base"]
             module.weight.requires_grad_(False)
@@ -407,6 +433,9 @@ class LoraTrainable:
 
     def param_group(self, weight_decay: float) -> dict:
         return {"params": [p for _, p in self._named], "weight_decay": weight_decay}
+
+    def track(self, optimizer: torch.optim.Optimizer) -> None:
+        """Nothing to do: PEFT's LoRA layers read their factors at every forward."""
 
     def decay_toward_base(self, lr: float, weight_decay: float) -> None:
         """Nothing to do: AdamW's own decay acts on the LoRA factors."""
@@ -444,7 +473,8 @@ def prepare_trainable(
     SHiRA: `positions` per module name (from `masks.build_masks`), or, if omitted, a `rand` mask with the
     budget of a rank-`rank` LoRA (r·(m+n) per weight) on `target_modules`. LoRA: rank `rank` on the same
     modules. Returns an object with `named_parameters()`, `num_parameters`, `param_group(weight_decay)`,
-    `decay_toward_base(lr, weight_decay)` (call between backward and optimizer.step) and `export()`.
+    `track(optimizer)`, `decay_toward_base(lr, weight_decay)` (call between backward and optimizer.step) and
+    `export()`.
     Usage:
         trainable = prepare_trainable(unet, "shira", impl="sparse", rank=64)
         optimizer = torch.optim.AdamW([trainable.param_group(1e-2)], lr=1e-4)
@@ -717,6 +747,8 @@ def train(config: TrainingConfig) -> TrainingResult:
         optimizer_class = bnb.optim.AdamW8bit
     groups = [t.param_group(config.adam_weight_decay) for t in trainables.values()]
     optimizer = optimizer_class(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+    for trainable in trainables.values():
+        trainable.track(optimizer)  # sparse: W0 + v is rewritten once per optimizer step, not once per forward
     batches_per_process = math.ceil(len(dataloader) / accelerator.num_processes)  # prepare() shards the loader
     max_steps = config.max_train_steps or config.num_train_epochs * math.ceil(batches_per_process / config.gradient_accumulation_steps)
     lr_scheduler = get_scheduler(

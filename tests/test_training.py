@@ -20,6 +20,7 @@ from shira_diffusion.masks import MASK_TYPES, mask_budget
 from shira_diffusion.testing import tiny_pipeline
 from shira_diffusion.training import (
     UNET_TARGETS,
+    ShiraTrainable,
     TrainingConfig,
     config_from_dict,
     denoising_loss,
@@ -241,6 +242,40 @@ def test_sparse_impl_value_gradients_match_the_dense_weight_gradient(monkeypatch
     assert len(calls) == (density <= training.SAMPLED_DENSITY)
     torch.testing.assert_close(layer.shira_values.grad, reference.weight.grad.view(-1)[positions], rtol=1e-5, atol=1e-4)
     assert trainable.num_parameters == positions.numel()
+
+
+def test_tracked_sparse_impl_rewrites_the_weight_once_per_change_of_the_values(monkeypatch):
+    from shira_diffusion import kernels
+
+    writes = []
+    scatter = kernels.scatter
+    monkeypatch.setattr(kernels, "scatter", lambda jobs: writes.append(len(jobs)) or scatter(jobs))
+    generator = torch.Generator().manual_seed(0)
+    layer = nn.Linear(16, 12)
+    positions = torch.arange(0, layer.weight.numel(), 9)
+    base = layer.weight.detach().clone().view(-1)
+    trainable = ShiraTrainable(nn.Sequential(layer), {"0": positions})
+    optimizer = torch.optim.AdamW([trainable.param_group(0.0)], lr=0.1)
+    x = torch.randn(3, 16, generator=generator)
+
+    def expected_weight():
+        expected = base.clone()
+        expected[positions] = base[positions] + layer.shira_values.detach()
+        return expected.view_as(layer.weight)
+
+    layer(x), layer(x)
+    assert len(writes) == 2  # untracked: every forward writes
+    trainable.track(optimizer)
+    layer(x).square().sum().backward()
+    layer(x)
+    assert len(writes) == 3  # tracked: the second forward finds the values it wrote
+    optimizer.step()
+    layer(x)
+    assert len(writes) == 4 and torch.equal(layer.weight, expected_weight())  # a step: written again
+    with torch.no_grad():
+        layer.shira_values.add_(1.0)  # any in-place change autograd sees (a checkpoint load) counts too
+    layer(x)
+    assert len(writes) == 5 and torch.equal(layer.weight, expected_weight())
 
 
 def test_shira_budget_r_matches_lora_rank_r_parameter_count():
