@@ -5,7 +5,7 @@ autocast: bf16 on CPU, fp16 on GPU; `hook` trains full fp32 weights, so it has n
 its own process so its peak memory is its own: process peak RSS on CPU (reset after the model is built,
 where Linux allows), torch.cuda.max_memory_allocated on GPU.
 
-Usage: python -m benchmarks.training [--smoke] [--rank 64] [--steps 4] [--latent-size 32]
+Usage: python -m benchmarks.training [--smoke] [--rank 64] [--steps 4] [--rounds 3] [--latent-size 32]
 (--latent-size 64, SD 1.5's 512 px, writes training_latent64.json / .md)
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -93,6 +94,7 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3, help="runs of every variant, interleaved (medians reported)")
     p.add_argument("--latent-size", type=int, default=32, help="latent height = width (64 is SD 1.5's 512 px)")
     p.add_argument("--variant", help="internal: run one variant and print JSON")
     p.add_argument("--precision", default="fp32", help="internal: the precision of that variant")
@@ -102,13 +104,22 @@ def main() -> None:
         print(json.dumps(run_variant(args.variant, args.precision, args.smoke, rank, args.steps, args.latent_size)))
         return
     half = "fp16" if torch.cuda.is_available() else "bf16"
+    runs: dict[tuple[str, str], list[dict]] = {}
+    # Rounds interleave the variants, so a slow spell of a shared machine hits them alike; medians per variant.
+    for _ in range(1 if args.smoke else args.rounds):
+        for precision, variants in (("fp32", ("lora", "sparse", "hook")), (half, ("lora", "sparse"))):
+            for variant in variants:
+                command = [sys.executable, "-m", "benchmarks.training", "--variant", variant, "--precision", precision, "--rank", str(rank),
+                           "--steps", str(args.steps), "--latent-size", str(args.latent_size)] + (["--smoke"] if args.smoke else [])
+                output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+                runs.setdefault((precision, variant), []).append(json.loads(output))
     rows = []
-    for precision, variants in (("fp32", ("lora", "sparse", "hook")), (half, ("lora", "sparse"))):
-        for variant in variants:
-            command = [sys.executable, "-m", "benchmarks.training", "--variant", variant, "--precision", precision, "--rank", str(rank),
-                       "--steps", str(args.steps), "--latent-size", str(args.latent_size)] + (["--smoke"] if args.smoke else [])
-            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            rows.append(json.loads(output))
+    for found in runs.values():
+        row = dict(found[0])
+        for key in ("peak memory MB", "peak over model MB", "steps/s"):
+            row[key] = statistics.median(run[key] for run in found)
+        row["runs"] = len(found)
+        rows.append(row)
     for row in rows:
         lora = next(r for r in rows if r["precision"] == row["precision"] and r["variant"] == "lora")
         row["memory vs LoRA"] = row["peak memory MB"] / lora["peak memory MB"]
