@@ -166,5 +166,6 @@ def test_eval_cli_generates_without_scoring_and_reports_bad_flags(tmp_path, caps
     base = ["eval", "--pretrained_model_name_or_path", str(tmp_path / "model"), "--prompts", str(tmp_path / "prompts.txt"), "--output_dir", str(tmp_path / "out"), "--num_inference_steps", "2"]
     assert main(base + ["--seeds", "0", "--no_score"]) == 0
     assert (tmp_path / "out" / "records.jsonl").is_file()
+    assert (tmp_path / "out" / "grids" / "prompt000.png").is_file() and not (tmp_path / "out" / "score_vs_alpha.png").exists()
     assert main(base + ["--adapter", "nofile"]) == 2 and "expected NAME=FILE" in capsys.readouterr().err
     assert main(base + ["--fusion", "a"]) == 2 and "expected 'name1+name2" in capsys.readouterr().err

@@ -247,7 +247,8 @@ def write_reports(out_dir: Path, records: Sequence[Mapping], summary: Sequence[M
             lines.append(f"| {label} | " + " | ".join(cell.get((label, a), "") for a in alphas) + " |")
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
     _write_grids(out_dir, records, len(prompts), seeds)
-    _write_plot(out_dir, summary, alphas)
+    if summary:  # images generated without scoring have nothing to plot
+        _write_plot(out_dir, summary, alphas)
 
 
 def _write_grids(out_dir: Path, records: Sequence[Mapping], prompt_count: int, seeds: Sequence[int]) -> None:
