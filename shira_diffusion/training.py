@@ -4,7 +4,8 @@ Two SHiRA implementations (`--impl`):
 - `sparse` (default): only the masked values are parameters. Each adapted Linear / Conv2d gets
   `shira_values` (k fp32 values), `shira_positions` (int32: k values of 4 bytes, half of int64's share of the
   adapter's memory) and `shira_base` (W0 at those positions, k values); its
-  forward writes W0[p] + v into the frozen weight in place (k writes) and runs the plain op on it, through a
+  forward writes W0[p] + v into the frozen weight in place (k writes; once per optimizer step when the
+  trainable tracks its optimizer, as the trainer does) and runs the plain op on it, through a
   custom autograd function that saves only x. A parametrization (or PEFT's SHiRA layer) instead hands a new
   full effective weight to F.linear, which keeps it alive from forward to backward: one extra full-size
   copy of every adapted weight for the whole step. Here no copy of a weight is ever made; the one full-size
@@ -45,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import StyleDataset, collate, read_image_folder
 from . import kernels
+from .data import StyleDataset, collate, read_image_folder
 from .format import SHIRA_WEIGHT_NAME, ShiraAdapter, SparseDelta
 from .masks import MASK_TYPES, build_masks
 
@@ -243,7 +244,7 @@ def _sampled_grad(grad_output: torch.Tensor, x: torch.Tensor, positions: torch.T
     """(grad_outputᵀ @ x) at the sorted flat positions only, via torch.sparse.sampled_addmm on the mask's CSR
     pattern (row starts by binary search, columns by remainder: no stored copy of the mask)."""
     out_features, in_features = grad_output.shape[1], x.shape[1]
-    row_starts = torch.arange(out_features + 1, dtype=positions.dtype) * in_features
+    row_starts = torch.arange(out_features + 1, dtype=positions.dtype, device=positions.device) * in_features
     crow = torch.searchsorted(positions, row_starts, out_int32=positions.dtype == torch.int32)
     with warnings.catch_warnings():  # "sparse CSR support is in beta"; the op is tested here
         warnings.simplefilter("ignore", UserWarning)
