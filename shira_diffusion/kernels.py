@@ -1,4 +1,5 @@
-"""The engine's memory-bound inner loops, batched over all weights: gather, scatter, gather-add-scatter, decode.
+"""The engine's memory-bound inner loops, batched over all weights: gather, scatter, gather-add-scatter, decode
+(and the trainer's add-scatter of W0 + v).
 
 A switch is a few million reads and writes at sorted random positions spread over ~100-1000 weights. torch's
 CPU `index_select` / `scatter_` on a 1-D tensor run on one core with per-element index bookkeeping, and one
@@ -103,6 +104,17 @@ if numba is not None:
                 old = weight[at]
                 backup[i] = old
                 weight[at] = old + alpha * delta[i]  # no fastmath: product rounded, then sum, as in torch
+
+    @_compiled(parallel=True, nogil=True)
+    def _add_scatter(weights, positions, bases, values, sizes, chunks, wlike, ilike):
+        for c in numba.prange(chunks.shape[0]):
+            job, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            weight = _view(weights[job], sizes[job, 1], wlike)
+            index = _view(positions[job], sizes[job, 0], ilike)[start:stop]
+            base = _view(bases[job], sizes[job, 0], wlike)[start:stop]
+            value = _view(values[job], sizes[job, 0], wlike)[start:stop]
+            for i in range(stop - start):
+                weight[index[i]] = base[i] + value[i]
 
     @_compiled(parallel=True, nogil=True)
     def _decode(gaps, hi_index, hi, deltas, outs, sizes, status, mask, glike, hlike, dlike, ilike):
@@ -239,6 +251,27 @@ def gather_add_scatter(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Te
         for i, result in zip(members, results):
             backups[i] = result
     return backups
+
+
+def add_scatter(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """For each (weight, sorted positions, W0 there, values): `weight.view(-1)[positions] = W0 + values`, summed in
+    fp32 (fp64 for fp64 weights) and rounded once to the weight's dtype (the trainer's W0 + v; one pass on CPU
+    fp32 weights)."""
+    flats = [(weight.view(-1), positions, bases, values) for weight, positions, bases, values in jobs]
+    groups, rest = _split(flats, lambda w, p, b, v: w.dtype == b.dtype == v.dtype == torch.float32 and b.numel() == v.numel() == p.numel())
+    if rest:
+        sums = []
+        for weight, _, bases, values in (flats[i] for i in rest):
+            accumulate = torch.promote_types(weight.dtype, torch.float32)
+            sums.append((bases.to(accumulate) + values.to(accumulate)).to(weight.dtype))
+        scatter([(flats[i][0], flats[i][1], total) for i, total in zip(rest, sums)])
+    for (_, index_dtype), members in groups.items():
+        weights, positions = [flats[i][0] for i in members], [flats[i][1] for i in members]
+        bases, values = [flats[i][2] for i in members], [flats[i][3] for i in members]
+        sizes, chunks = _chunks(weights, positions)
+        with _launch():
+            _add_scatter(_addresses(weights), _addresses(positions), _addresses(bases), _addresses(values), sizes, chunks,
+                         _like(np.float32), _like(_INDEX[index_dtype]))
 
 
 def add_scaled(values: torch.Tensor, deltas: torch.Tensor, alpha: float, slots: torch.Tensor | None = None) -> torch.Tensor:

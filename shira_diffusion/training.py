@@ -162,21 +162,20 @@ def find_targets(model: nn.Module, patterns: tuple[str, ...] | list[str], includ
 
 # ---- SHiRA trainables -----------------------------------------------------------------------------------
 @torch.no_grad()
-def _write_effective(module: nn.Module) -> None:
-    """W[p] = W0[p] + v in place (summed in fp32, rounded once, as the engine loads): no full-size copy.
+def _write_effective(modules: list[nn.Module], force: bool = False) -> None:
+    """W[p] = W0[p] + v in place for these modules, in one launch (summed in fp32, rounded once, as the engine
+    loads): no full-size copy.
 
-    Under `ShiraTrainable.track(optimizer)` the write is skipped while the values are those last written
-    (same tensor, same autograd version, no optimizer step since): they change only at optimizer steps.
+    Under `ShiraTrainable.track(optimizer)` a module is skipped while its values are those last written (same
+    tensor, same autograd version); the optimizer's step hook writes all of them with `force`.
     """
-    weight, values = module.weight, module.shira_values
-    written = module.__dict__.get("shira_written")  # None: untracked, always write
-    if written is not None and written == (values.data_ptr(), values._version):
+    stale = [m for m in modules if force or m.__dict__.get("shira_written") != (m.shira_values.data_ptr(), m.shira_values._version)]
+    if not stale:
         return
-    accumulate = torch.promote_types(weight.dtype, torch.float32)
-    merged = module.shira_base.to(accumulate) + values.detach().to(accumulate)
-    kernels.scatter([(weight, module.shira_positions, merged.to(weight.dtype))])
-    if written is not None:
-        module.shira_written = (values.data_ptr(), values._version)
+    kernels.add_scatter([(m.weight, m.shira_positions, m.shira_base, m.shira_values.detach()) for m in stale])
+    for module in stale:
+        if "shira_written" in module.__dict__:  # tracked; untracked modules (no entry) write at every forward
+            module.shira_written = (module.shira_values.data_ptr(), module.shira_values._version)
 
 
 class _SparseDeltaOp(torch.autograd.Function):
@@ -188,7 +187,7 @@ class _SparseDeltaOp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, values, module, conv):
-        _write_effective(module)  # values change only at optimizer.step(): every forward writes the same bits
+        _write_effective([module])  # untracked: every forward writes (the same bits until the values change)
         weight, bias = module.weight, module.bias
         device_type = x.device.type
         # Under autocast (accelerate's mixed precision) compute in the autocast dtype like nn.Linear would.
@@ -324,20 +323,16 @@ class ShiraTrainable:
         return hook
 
     def track(self, optimizer: torch.optim.Optimizer) -> None:
-        """Sparse impl: let forwards skip rewriting W0 + v until `optimizer` steps (or the values change in place,
-        e.g. a checkpoint load): one write per step instead of one per forward. Untracked, every forward writes
-        them, which is right with any optimizer (bitsandbytes' 8-bit Adam updates values behind autograd's back;
+        """Sparse impl: write W0 + v for every module in one launch after each `optimizer` step, and let forwards
+        skip the write while the values are unchanged (an in-place change autograd sees, e.g. a checkpoint
+        load, is written at the next forward). Untracked, every forward writes its module's values, which is
+        right with any optimizer and any loop (bitsandbytes' 8-bit Adam updates values behind autograd's back;
         the step hook still sees it)."""
         if self.impl != "sparse":
             return
         for module in self.modules.values():
             module.shira_written = ()
-        optimizer.register_step_post_hook(lambda *_: self._values_changed())
-
-    def _values_changed(self) -> None:
-        for module in self.modules.values():
-            if "shira_written" in module.__dict__:
-                module.shira_written = ()
+        optimizer.register_step_post_hook(lambda *_: _write_effective(list(self.modules.values()), force=True))
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of everything the optimizer trains: values (sparse) or full weights (hook)."""
@@ -402,7 +397,7 @@ class ShiraTrainable:
         for name, module in self.modules.items():
             if self.impl == "sparse" and "shira_values" in module._parameters:
                 module.__dict__.pop("shira_written", None)
-                _write_effective(module)  # the values may have changed since the last forward
+                _write_effective([module])  # the values may have changed since the last forward
                 del module.forward, module._parameters["shira_values"], module._buffers["shira_positions"], module._buffers["shira_base"]
             module.weight.requires_grad_(False)
 

@@ -46,6 +46,21 @@ def test_gather_add_scatter_writes_w0_plus_alpha_delta_and_restores_exactly(path
     assert all(torch.equal(w, o) for w, o in zip(weights, originals))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_scatter_writes_w0_plus_values_rounded_once(path, dtype):
+    """The trainer's write: weight[p] = W0 + v summed in fp32 (fp64 weights: fp64), rounded once; nothing else moves."""
+    weights, positions, values = weights_and_jobs(dtype, seed=5)
+    positions = [p.to(torch.int32) for p in positions]
+    originals = [w.clone() for w in weights]
+    bases = [w.view(-1)[p.long()].clone() for w, p in zip(weights, positions)]
+    kernels.add_scatter(list(zip(weights, positions, bases, values)))
+    for weight, original, index, base, value in zip(weights, originals, positions, bases, values):
+        expected = original.clone().view(-1)
+        accumulate = torch.promote_types(dtype, torch.float32)
+        expected[index.long()] = (base.to(accumulate) + value.to(accumulate)).to(dtype)
+        assert torch.equal(weight.view(-1), expected)
+
+
 def test_compiled_and_torch_paths_give_identical_bits(monkeypatch):
     if kernels.numba is None:
         pytest.skip("numba is not installed")
