@@ -332,7 +332,8 @@ class ShiraTrainable:
             return
         for module in self.modules.values():
             module.shira_written = ()
-        optimizer.register_step_post_hook(lambda *_: _write_effective(list(self.modules.values()), force=True))
+        modules = list(self.modules.values())
+        self.hooks.append(optimizer.register_step_post_hook(lambda *_: _write_effective(modules, force=True)))  # remove() drops it
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of everything the optimizer trains: values (sparse) or full weights (hook)."""
