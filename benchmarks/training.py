@@ -48,7 +48,7 @@ def _peak_rss_mb() -> float:
 
 
 def run_variant(variant: str, precision: str, smoke: bool, rank: int, steps: int, latent_size: int) -> dict:
-    from shira_diffusion.training import prepare_trainable
+    from shira_diffusion.trainables import prepare_trainable
 
     from .common import TARGETS, sd15_unet
 

@@ -32,7 +32,6 @@ from torch import nn
 
 from .engine import ScatterEngine, ShiraLoadError
 from .format import (
-    METADATA_KEY,
     PEFT_CONFIG_NAME,
     PEFT_WEIGHT_NAME,
     PICKLE_SUFFIXES,

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import nbformat
-import pytest
 from PIL import Image
 
 from shira_diffusion.cli import main

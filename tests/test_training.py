@@ -18,16 +18,8 @@ from shira_diffusion import ShiraAdapter, add_shira_support
 from shira_diffusion.cli import build_parser, main
 from shira_diffusion.masks import MASK_TYPES, mask_budget
 from shira_diffusion.testing import tiny_pipeline
-from shira_diffusion.training import (
-    UNET_TARGETS,
-    ShiraTrainable,
-    TrainingConfig,
-    config_from_dict,
-    denoising_loss,
-    find_targets,
-    prepare_trainable,
-    train,
-)
+from shira_diffusion.trainables import UNET_TARGETS, ShiraTrainable, find_targets, prepare_trainable
+from shira_diffusion.training import TrainingConfig, config_from_dict, denoising_loss, train
 
 from .helpers import snapshot
 
@@ -225,10 +217,10 @@ def test_sparse_impl_holds_positions_as_int32_and_exports_the_mask_positions():
 
 @pytest.mark.parametrize("density", [0.03, 0.5])  # below SAMPLED_DENSITY: dW at the positions only; above: dense dW
 def test_sparse_impl_value_gradients_match_the_dense_weight_gradient(monkeypatch, density):
-    from shira_diffusion import training
+    from shira_diffusion import trainables
 
-    calls, sampled = [], training._sampled_grad
-    monkeypatch.setattr(training, "_sampled_grad", lambda *args: calls.append(1) or sampled(*args))
+    calls, sampled = [], trainables._sampled_grad
+    monkeypatch.setattr(trainables, "_sampled_grad", lambda *args: calls.append(1) or sampled(*args))
     generator = torch.Generator().manual_seed(0)
     layer = nn.Linear(48, 80)
     nn.init.normal_(layer.weight, generator=generator)
@@ -237,9 +229,9 @@ def test_sparse_impl_value_gradients_match_the_dense_weight_gradient(monkeypatch
     reference = nn.Linear(48, 80)
     reference.load_state_dict(layer.state_dict())
     reference(x).square().sum().backward()
-    trainable = training.ShiraTrainable(nn.Sequential(layer), {"0": positions})
+    trainable = trainables.ShiraTrainable(nn.Sequential(layer), {"0": positions})
     layer(x).square().sum().backward()
-    assert len(calls) == (density <= training.SAMPLED_DENSITY)
+    assert len(calls) == (density <= trainables.SAMPLED_DENSITY)
     torch.testing.assert_close(layer.shira_values.grad, reference.weight.grad.view(-1)[positions], rtol=1e-5, atol=1e-4)
     assert trainable.num_parameters == positions.numel()
 

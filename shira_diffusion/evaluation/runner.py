@@ -242,7 +242,7 @@ def write_reports(out_dir: Path, records: Sequence[Mapping], summary: Sequence[M
     lines.append("|---|" + "---|" * len(alphas))
     for label in labels:
         if label == BASE:
-            lines.append(f"| base | " + " | ".join(cell.get((BASE, 0.0), "") for _ in alphas) + " |")
+            lines.append("| base | " + " | ".join(cell.get((BASE, 0.0), "") for _ in alphas) + " |")
         else:
             lines.append(f"| {label} | " + " | ".join(cell.get((label, a), "") for a in alphas) + " |")
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
