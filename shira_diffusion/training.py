@@ -17,7 +17,7 @@ import math
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -44,12 +44,15 @@ class TrainingConfig:
     output_dir: str = "shira-model"
     revision: str | None = None
     variant: str | None = None
+    pretrained_vae_model_name_or_path: str | None = None
     instance_prompt: str | None = None
     with_prior_preservation: bool = False
     class_data_dir: str | None = None
     class_prompt: str | None = None
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
+    sample_batch_size: int = 4
+    prior_generation_precision: str | None = None
     resolution: int = 512
     center_crop: bool = False
     random_flip: bool = False
@@ -58,8 +61,11 @@ class TrainingConfig:
     max_train_steps: int | None = None
     num_train_epochs: int = 1
     learning_rate: float = 1e-4
+    scale_lr: bool = False
     lr_scheduler: str = "cosine"
     lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
@@ -67,6 +73,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     use_8bit_adam: bool = False
     mixed_precision: str | None = None
+    allow_tf32: bool = False
     gradient_checkpointing: bool = False
     snr_gamma: float | None = None
     noise_offset: float = 0.0
@@ -82,6 +89,9 @@ class TrainingConfig:
     logging_dir: str = "logs"
     train_text_encoder: bool = False
     dataloader_num_workers: int = 0
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_token: str | None = None
     adapter: str = "shira"
     mask: str = "snip"
     density: float = 0.02
@@ -96,7 +106,7 @@ class TrainingConfig:
 @dataclass
 class TrainingResult:
     """What `train` produced and measured. `losses` has one entry per optimizer step (mean over the
-    accumulated micro-batches and processes); `peak_memory_bytes` is torch.cuda.max_memory_allocated on GPU,
+    accumulated micro-batches and processes), `learning_rates` the rate each step used; `peak_memory_bytes` is torch.cuda.max_memory_allocated on GPU,
     the process's max RSS on CPU; `steps_per_second` excludes validation and checkpoint saving."""
 
     adapter_path: Path
@@ -104,6 +114,7 @@ class TrainingResult:
     global_step: int
     trainable_parameters: int
     losses: list[float] = field(default_factory=list)
+    learning_rates: list[float] = field(default_factory=list)
     peak_memory_bytes: int = 0
     steps_per_second: float = 0.0
 
@@ -121,12 +132,17 @@ def validate_config(config: TrainingConfig) -> None:
         raise ConfigError(f"--impl must be sparse or hook, got {config.impl!r}")
     if not 0 < config.density <= 1:
         raise ConfigError(f"--density must be in (0, 1], got {config.density}")
-    for name in ("shira_r", "rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "calibration_batches"):
+    for name in ("shira_r", "rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "calibration_batches",
+                 "sample_batch_size", "lr_num_cycles"):
         value = getattr(config, name)
         if value is not None and value <= 0:
             raise ConfigError(f"--{name} must be a positive integer, got {value}")
     if config.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise ConfigError(f"--mixed_precision must be no, fp16 or bf16, got {config.mixed_precision!r}")
+    if config.prior_generation_precision not in (None, "no", "fp32", "fp16", "bf16"):
+        raise ConfigError(f"--prior_generation_precision must be no, fp32, fp16 or bf16, got {config.prior_generation_precision!r}")
+    if config.hub_token is not None and config.report_to in ("wandb", "all"):  # diffusers' scripts refuse it too
+        raise ConfigError("--hub_token with --report_to wandb would expose the token in the run's config; log in with `hf auth login` instead")
     if config.with_prior_preservation and (not config.class_data_dir or not config.class_prompt):
         raise ConfigError("--with_prior_preservation needs --class_data_dir and --class_prompt")
     if config.use_8bit_adam:
@@ -136,9 +152,9 @@ def validate_config(config: TrainingConfig) -> None:
             raise ConfigError("--use_8bit_adam needs bitsandbytes (pip install bitsandbytes)") from None
     if config.max_train_steps is None and config.num_train_epochs < 1:
         raise ConfigError("give --max_train_steps or --num_train_epochs >= 1")
-    model = config.pretrained_model_name_or_path
-    if not Path(model).is_dir() and (model.startswith(("/", "./", "../", "~")) or Path(model).exists()):
-        raise FileNotFoundError(f"{model}: no such model folder (give a diffusers model folder or a Hub id)")
+    for model in filter(None, (config.pretrained_model_name_or_path, config.pretrained_vae_model_name_or_path)):
+        if not Path(model).is_dir() and (model.startswith(("/", "./", "../", "~")) or Path(model).exists()):
+            raise FileNotFoundError(f"{model}: no such model folder (give a diffusers model folder or a Hub id)")
     if config.resume_from_checkpoint and config.resume_from_checkpoint != "latest":
         _find_checkpoint(Path(config.output_dir), config.resume_from_checkpoint)
 
@@ -163,7 +179,10 @@ def _load_models(config: TrainingConfig, model_path: str):
     tokenizers = [transformers.AutoTokenizer.from_pretrained(model_path, subfolder=f"tokenizer{s}", **kw) for s in suffixes]
     defaults = ["CLIPTextModel", "CLIPTextModelWithProjection"]
     text_encoders = [text_encoder(f"text_encoder{s}", d) for s, d in zip(suffixes, defaults)]
-    vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", variant=config.variant, **kw)
+    if config.pretrained_vae_model_name_or_path:  # e.g. SDXL's fp16-safe VAE, as diffusers' SDXL scripts take it
+        vae = AutoencoderKL.from_pretrained(config.pretrained_vae_model_name_or_path, **kw)
+    else:
+        vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", variant=config.variant, **kw)
     unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", variant=config.variant, **kw)
     noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw)
     return is_sdxl, tokenizers, text_encoders, vae, unet, noise_scheduler
@@ -194,13 +213,16 @@ def _generate_class_images(config: TrainingConfig, model_path: str, device: torc
     missing = config.num_class_images - len(existing)
     if missing <= 0:
         return
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(config.prior_generation_precision)
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     pipe = DiffusionPipeline.from_pretrained(model_path, revision=config.revision, variant=config.variant).to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    for index in range(missing):
-        image = pipe(config.class_prompt, generator=generator, height=config.resolution, width=config.resolution).images[0]
-        image.save(folder / f"class_{len(existing) + index:05d}.png")
+    for start in range(0, missing, config.sample_batch_size):
+        count = min(config.sample_batch_size, missing - start)
+        images = pipe([config.class_prompt] * count, generator=generator, height=config.resolution, width=config.resolution).images
+        for index, image in enumerate(images, start=len(existing) + start):
+            image.save(folder / f"class_{index:05d}.png")
     del pipe
 
 
@@ -257,6 +279,12 @@ def train(config: TrainingConfig) -> TrainingResult:
     if config.adapter == "shira" and config.impl == "hook" and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         raise ConfigError("--impl hook masks .grad of full weights, which DeepSpeed / FSDP own; use --impl sparse")
     set_seed(config.seed)
+    if config.allow_tf32:  # Ampere+ GPUs: TF32 matmuls, as diffusers' --allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if config.scale_lr:  # diffusers' --scale_lr: the rate per sample, times the samples of one optimizer step
+        scaled = config.learning_rate * config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+        config = replace(config, learning_rate=scaled)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     model_path = config.pretrained_model_name_or_path
@@ -370,6 +398,7 @@ def train(config: TrainingConfig) -> TrainingResult:
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer=optimizer,
         num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes, num_training_steps=max_steps * accelerator.num_processes,
+        num_cycles=config.lr_num_cycles, power=config.lr_power,
     )
     models = list(components.values())
     prepared = accelerator.prepare(*models, optimizer, dataloader, lr_scheduler)
@@ -420,6 +449,7 @@ def train(config: TrainingConfig) -> TrainingResult:
         accelerator.init_trackers("shira-diffusion", config={k: str(v) for k, v in asdict(config).items()})
     progress = tqdm(range(max_steps), initial=global_step, desc="training", disable=not accelerator.is_local_main_process)
     losses: list[float] = []
+    learning_rates: list[float] = []
     step_loss = torch.zeros((), device=accelerator.device)
     train_seconds, steps_timed, tick = 0.0, 0, time.perf_counter()
     for epoch in range(first_epoch, epochs):
@@ -434,8 +464,9 @@ def train(config: TrainingConfig) -> TrainingResult:
                 accelerator.backward(loss)
                 step_loss += loss.detach() / config.gradient_accumulation_steps
                 if accelerator.sync_gradients:
+                    lr = optimizer.param_groups[0]["lr"]  # the rate this optimizer step uses
                     for trainable in trainables.values():  # hook impl: re-mask gradients, masked weight decay
-                        trainable.decay_toward_base(optimizer.param_groups[0]["lr"], config.adam_weight_decay)
+                        trainable.decay_toward_base(lr, config.adam_weight_decay)
                     accelerator.clip_grad_norm_([p for _, p in named], config.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients and accelerator.optimizer_step_was_skipped:
@@ -448,7 +479,7 @@ def train(config: TrainingConfig) -> TrainingResult:
             global_step += 1
             losses.append(float(accelerator.gather(step_loss).mean()))
             step_loss.zero_()
-            lr = lr_scheduler.get_last_lr()[0]
+            learning_rates.append(lr)
             progress.update(1)
             progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
             accelerator.log({"loss": losses[-1], "lr": lr}, step=global_step)
@@ -471,9 +502,11 @@ def train(config: TrainingConfig) -> TrainingResult:
     if config.validation_prompt:
         _validate(config, accelerator, model_path, unet, text_encoders, vae, global_step)
     adapter_path = _save_adapter(config, accelerator, trainables, is_sdxl, global_step)
+    if config.push_to_hub and accelerator.is_main_process:
+        _push_to_hub(config, output_dir)
     accelerator.end_training()
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return TrainingResult(adapter_path, output_dir, global_step, trainable_parameters, losses, peak, steps_timed / max(train_seconds, 1e-9))
+    return TrainingResult(adapter_path, output_dir, global_step, trainable_parameters, losses, learning_rates, peak, steps_timed / max(train_seconds, 1e-9))
 
 
 def _load_or_build_masks(config, targets, output_dir, dataloader, diffusion_loss, accelerator) -> dict[str, dict[str, torch.Tensor]]:
@@ -623,6 +656,17 @@ def _save_adapter(config, accelerator, trainables, is_sdxl, step) -> Path:
         (StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline).save_lora_weights(output_dir, **layers, **metadata)
     _write_model_card(config, output_dir, path, step, sum(t.num_parameters for t in trainables.values()))
     return path
+
+
+def _push_to_hub(config: TrainingConfig, output_dir: Path) -> str:
+    """Upload the run's folder (adapter, model card, samples, validation images, logs; not the checkpoints or
+    the mask file) to `--hub_model_id` (default: the output folder's name), as diffusers' scripts do."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=config.hub_token)
+    repo_id = api.create_repo(config.hub_model_id or output_dir.name, exist_ok=True).repo_id
+    return str(api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="End of training",
+                                 ignore_patterns=["checkpoint-*", MASK_FILE]))
 
 
 def _write_model_card(config: TrainingConfig, output_dir: Path, adapter_path: Path, step: int, parameters: int) -> None:

@@ -4,6 +4,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -360,6 +361,9 @@ def test_bad_training_input_gives_clear_errors_before_training(setup, tmp_path, 
         (data + ["--resolution", "30"], "--resolution must be a positive multiple of 8, got 30"),
         (data + ["--pretrained_model_name_or_path", str(tmp_path / "nomodel")], "nomodel: no such model folder"),
         (data + ["--resume_from_checkpoint", str(tmp_path / "checkpoint-9")], "checkpoint-9: no such checkpoint folder"),
+        (data + ["--pretrained_vae_model_name_or_path", str(tmp_path / "novae")], "novae: no such model folder"),
+        (data + ["--sample_batch_size", "0"], "--sample_batch_size must be a positive integer, got 0"),
+        (data + ["--hub_token", "secret", "--report_to", "wandb"], "--hub_token with --report_to wandb would expose the token"),
     ]
     for extra, message in cases:
         assert main(base + extra) == 2
@@ -378,15 +382,59 @@ def test_prior_preservation_snr_noise_offset_accumulation_and_bf16(setup, tmp_pa
     classes = draw_style_folder(tmp_path / "class", count=3, captions=False)
     result = train(config(
         setup, "prior", mask="rand", max_train_steps=3, with_prior_preservation=True, class_data_dir=str(classes),
-        class_prompt="a shape", num_class_images=4, snr_gamma=5.0, noise_offset=0.05, gradient_accumulation_steps=2,
+        class_prompt="a shape", num_class_images=6, sample_batch_size=2, snr_gamma=5.0, noise_offset=0.05, gradient_accumulation_steps=2,
         train_batch_size=1, mixed_precision="bf16", gradient_checkpointing=True, target_conv=True,
     ))
     assert result.global_step == 3 and len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
-    assert sorted(p.name for p in classes.glob("*.png")) == ["0.png", "1.png", "2.png", "class_00003.png"]  # 1 generated
+    generated = ["class_00003.png", "class_00004.png", "class_00005.png"]  # 3 missing: a batch of 2, then 1
+    assert sorted(p.name for p in classes.glob("*.png")) == ["0.png", "1.png", "2.png", *generated]
     adapter = ShiraAdapter.load(result.adapter_path)
     assert adapter.num_parameters == result.trainable_parameters
     names = [name for _, name, delta in adapter.items() if delta.deltas.abs().max() > 0]
     assert "conv_in.weight" in names and any(n.endswith("attn1.to_q.weight") for n in names)  # convs train too
+
+
+def test_dreambooth_flags_scale_lr_schedule_cycles_vae_and_push_to_hub(setup, tmp_path, monkeypatch):
+    import huggingface_hub
+    from diffusers import AutoencoderKL
+    from huggingface_hub.utils import filter_repo_objects
+
+    from shira_diffusion.training import _load_models
+
+    args = build_parser().parse_args(["train", "--pretrained_model_name_or_path", "m", "--instance_data_dir", "d"])
+    assert config_from_dict(vars(args)).train_data_dir == "d"  # diffusers' DreamBooth name for the data folder
+
+    vae = AutoencoderKL.from_pretrained(setup["model"], subfolder="vae")
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(0.5)
+    vae.save_pretrained(tmp_path / "vae")
+    uploads = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            uploads["token"] = token
+
+        def create_repo(self, repo_id, exist_ok=False):
+            uploads["created"] = (repo_id, exist_ok)
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def upload_folder(self, repo_id, folder_path, commit_message, ignore_patterns):
+            files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+            uploads[repo_id] = list(filter_repo_objects(files, ignore_patterns=ignore_patterns))
+            return f"https://huggingface.co/{repo_id}/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    run = config(setup, "flags", max_train_steps=4, train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3,
+                 scale_lr=True, lr_scheduler="cosine_with_restarts", lr_num_cycles=2, checkpointing_steps=2,
+                 pretrained_vae_model_name_or_path=str(tmp_path / "vae"), push_to_hub=True, hub_model_id="me/style", hub_token="t")
+    assert torch.equal(_load_models(run, setup["model"])[3].encoder.conv_in.weight, vae.encoder.conv_in.weight)
+    result = train(run)
+    # --scale_lr: 1e-3 x 2 accumulation x 2 per batch x 1 process; two cosine cycles over 4 steps: peak, half, peak, half
+    assert result.learning_rates == pytest.approx([4e-3, 2e-3, 4e-3, 2e-3])
+    assert uploads["token"] == "t" and uploads["created"] == ("me/style", True)
+    assert {"shira_weights.safetensors", "README.md"} <= set(uploads["me/style"])
+    assert (result.output_dir / "checkpoint-4").is_dir() and (result.output_dir / "masks.safetensors").is_file()
+    assert not [f for f in uploads["me/style"] if f.startswith("checkpoint-") or f == "masks.safetensors"]  # run state stays local
 
 
 def test_8bit_adam_without_bitsandbytes_is_a_clear_error(setup, capsys):

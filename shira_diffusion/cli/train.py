@@ -25,12 +25,24 @@ HELP = {
     "report_to": "tensorboard (default), wandb, all or none",
     "validation_steps": "generate validation images every N optimizer steps (and at the end)",
     "train_text_encoder": "also adapt the text encoder(s): q_proj k_proj v_proj out_proj fc1 fc2",
+    "pretrained_vae_model_name_or_path": "a VAE folder or Hub id to use instead of the model's (e.g. an fp16-safe SDXL VAE)",
+    "scale_lr": "multiply --learning_rate by accumulation steps x batch size x processes",
+    "lr_num_cycles": "restarts of cosine_with_restarts (default 1)",
+    "lr_power": "power of the polynomial schedule (default 1.0)",
+    "allow_tf32": "TF32 matmuls on Ampere+ GPUs",
+    "sample_batch_size": "batch size for generating prior-preservation class images (default 4)",
+    "prior_generation_precision": "dtype for generating class images (default fp16 on GPU, fp32 on CPU)",
+    "push_to_hub": "upload the output folder (adapter, model card, samples; not checkpoints) to the Hub at the end",
+    "hub_model_id": "Hub repo for --push_to_hub (default: the output folder's name)",
+    "hub_token": "Hub token (prefer `hf auth login`; refused with --report_to wandb)",
 }
+ALIASES = {"train_data_dir": ("--instance_data_dir",)}  # diffusers' DreamBooth scripts call it that
 CHOICES = {
     "adapter": ("shira", "lora"),
     "mask": ("struct", "rand", "wm", "grad", "snip"),
     "impl": ("sparse", "hook"),
     "mixed_precision": ("no", "fp16", "bf16"),
+    "prior_generation_precision": ("no", "fp32", "fp16", "bf16"),
     "lr_scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
 }
 
@@ -55,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, nargs="+", default=None, help=help_text)
         else:
             default = None if required else field.default
-            parser.add_argument(flag, type=_flag_type(annotation), default=default, required=required,
+            parser.add_argument(flag, *ALIASES.get(field.name, ()), type=_flag_type(annotation), default=default, required=required,
                                 choices=CHOICES.get(field.name), help=help_text or f"(default: {default})")
 
 
