@@ -5,6 +5,8 @@ adapters' positions) and `backup` (the original values there). Every write recom
 
     W[p] = W0[p] + sum_i alpha_i * S_i[p]      (accumulated in fp32 from the backup, cast once)
 
+(alpha_i is one number per adapter, or one per component, as diffusers' `set_adapters` takes them)
+
 over those positions only, so unloading restores W0 bit for bit in any dtype, whatever happened before
 (nothing is ever subtracted). Writes go in place into the existing parameter storage (`kernels`: one
 compiled pass over all weights on CPUs, torch's scatter elsewhere): no new Parameter objects, no module
@@ -17,8 +19,11 @@ Usage:
 
 from __future__ import annotations
 
+import math
+import numbers
 import threading
 from collections.abc import Iterable, Mapping
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +35,19 @@ from .format import ShiraAdapter, ShiraFormatError
 
 class ShiraLoadError(ValueError):
     """An adapter does not fit the model (unknown component/weight, shape, name in use...)."""
+
+
+Strength = float | dict[str, float]  # one alpha, or alpha per component (a component left out: 1.0)
+
+
+def _finite(what: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ShiraLoadError(f"adapter {what}: weight must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _alpha(strength: Strength, component: str) -> float:
+    return strength if isinstance(strength, float) else strength.get(component, 1.0)
 
 
 @dataclass
@@ -60,7 +78,7 @@ class ScatterEngine:
     def __init__(self, components: Mapping[str, nn.Module]):
         self.components = dict(components)
         self.lock = threading.RLock()
-        self.alphas: dict[str, float] = {}  # loaded adapter -> its strength when active
+        self.alphas: dict[str, Strength] = {}  # loaded adapter -> its strength when active
         self.active: list[str] = []
         self.enabled = True
         self.adapters: dict[str, ShiraAdapter] = {}  # kept (on the CPU) for saving and inspection
@@ -117,6 +135,20 @@ class ScatterEngine:
             found.append(parameter)
         return found
 
+    def check_strength(self, name: str, strength: float | Mapping[str, float]) -> Strength:
+        """A float, or a {component: float} dict naming only this pipeline's components (diffusers' per-component
+        `adapter_weights`); a component the adapter does not touch gets a warning, as in diffusers."""
+        if not isinstance(strength, Mapping):
+            return _finite(name, strength)
+        unknown = [c for c in strength if c not in self.components]
+        if unknown:
+            raise ShiraLoadError(f"adapter {name!r}: weight for component {unknown[0]!r}, which this pipeline does not have "
+                                 f"(it has {sorted(self.components)})")
+        unused = [c for c in strength if c not in self.adapters[name].components]
+        if unused:
+            warnings.warn(f"adapter {name!r} does not touch {unused[0]!r}; its weight there has no effect", stacklevel=3)
+        return {c: _finite(f"{name}[{c!r}]", w) for c, w in strength.items()}
+
     def check_names(self, names: Iterable[str]) -> list[str]:
         names = list(names)
         unknown = [n for n in names if n not in self.alphas]
@@ -130,6 +162,7 @@ class ScatterEngine:
     def add(self, name: str, adapter: ShiraAdapter, alpha: float, activate: bool = True, validated: bool = False) -> None:
         """Validate, back up the new positions, then write. Usage: engine.add("a", adapter, 1.0)"""
         with self.lock:
+            alpha = _finite(name, alpha)
             parameters = self.check(adapter, name, validated)
             fresh, joined = [], []  # weights nothing touched yet / weights other adapters already touch
             for (component, param_name, delta), parameter in zip(adapter.items(), parameters):
@@ -153,19 +186,20 @@ class ScatterEngine:
             for _, target, entry in joined:
                 target.entries[name] = entry
                 self._reslot(target)
-            self.alphas[name] = float(alpha)
+            self.alphas[name] = alpha
             self.adapters[name] = adapter
             if activate:
                 self.active.append(name)
             self._write([key for key, _, _ in joined])
 
-    def set_active(self, weights: Mapping[str, float]) -> None:
-        """Exactly these adapters active, at these strengths (multi-adapter fusion)."""
+    def set_active(self, weights: Mapping[str, float | Mapping[str, float]]) -> None:
+        """Exactly these adapters active, at these strengths (multi-adapter fusion); a strength is a float or
+        {component: float}."""
         with self.lock:
             names = self.check_names(weights)
+            strengths = {name: self.check_strength(name, weights[name]) for name in names}  # all checked before any write
             before = set(self.active)
-            for name in names:
-                self.alphas[name] = float(weights[name])
+            self.alphas.update(strengths)
             self.active = names
             self._write(self._keys_of(before | set(names)))
 
@@ -248,7 +282,8 @@ class ScatterEngine:
         for key in keys:
             target = self.targets[key]
             self._bring_to(key, target.parameter)
-            entries = [(target.entries[name], alpha) for name, alpha in active if name in target.entries]
+            component = key.partition(".")[0]
+            entries = [(target.entries[name], _alpha(strength, component)) for name, strength in active if name in target.entries]
             if not entries:
                 jobs.append((target.parameter.data, target.positions, target.backup))
                 continue

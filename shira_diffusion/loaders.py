@@ -211,22 +211,28 @@ class ShiraLoaderMixin:
             engine.add(adapter_name, adapter, adapter.default_alpha if alpha is None else alpha, validated=not isinstance(src, ShiraAdapter))
             return adapter_name
 
-    def set_shira_adapters(self, adapter_names: str | Sequence[str], weights: float | Sequence[float] | None = None) -> None:
-        """Make exactly these adapters active, fused at these strengths (default: each one's last alpha).
+    def set_shira_adapters(
+        self,
+        adapter_names: str | Sequence[str],
+        weights: float | Mapping[str, float] | Sequence[float | Mapping[str, float]] | None = None,
+    ) -> None:
+        """Make exactly these adapters active, fused at these strengths (default: each one's last strength).
 
-        Usage: pipe.set_shira_adapters(["bluefire", "paintings"], weights=[0.7, 0.3]); pipe.set_shira_adapters([])
+        A strength is a float or, as in diffusers' `set_adapters`, {component: float} (components left out: 1.0);
+        one strength (not a list) applies to every named adapter.
+        Usage: pipe.set_shira_adapters(["bluefire", "paintings"], weights=[0.7, {"unet": 0.5, "text_encoder": 0.2}])
         """
         engine = self.shira_engine
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if weights is None:
             engine.check_names(names)
             values = [engine.alphas[n] for n in names]
-        elif isinstance(weights, (int, float)):
-            values = [float(weights)] * len(names)
-        else:
-            values = [float(w) for w in weights]
+        elif isinstance(weights, Sequence) and not isinstance(weights, str):
+            values = list(weights)
             if len(values) != len(names):
                 raise ShiraLoadError(f"{len(names)} adapter names but {len(values)} weights")
+        else:  # one strength for all (the engine checks that it is one)
+            values = [weights] * len(names)
         engine.set_active(dict(zip(names, values)))
 
     def unload_shira_weights(self, adapter_names: str | Sequence[str] | None = None) -> None:
@@ -247,7 +253,7 @@ class ShiraLoaderMixin:
         self.shira_engine.set_enabled(True)
 
     def get_shira_adapters(self) -> dict[str, dict[str, Any]]:
-        """name -> {"components", "parameters", "alpha", "active"}."""
+        """name -> {"components", "parameters", "alpha" (a float or {component: float}), "active"}."""
         engine = self.shira_engine
         return {
             name: {

@@ -132,6 +132,46 @@ def test_set_adapters_getters_and_disable(sd):
         sd.set_shira_adapters(["a", "b"], weights=[1.0])
 
 
+def test_per_component_weights_as_in_diffusers_set_adapters(sd):
+    before = snapshot(sd)
+    a, b = random_adapter(sd, 1), random_adapter(sd, 2, components=("unet",))
+    sd.load_shira_weights(a, adapter_name="a")
+    sd.load_shira_weights(b, adapter_name="b")
+    unet_key = next(k for k in a.deltas["unet"] if k in b.deltas["unet"])
+    text_key = next(iter(a.deltas["text_encoder"]))
+
+    def expected(component, key, terms):  # W0 + sum alpha * S, accumulated in the engine's order
+        flat = before[f"{component}.{key}"].clone().view(-1)
+        for adapter, alpha in terms:
+            delta = adapter.deltas[component][key]
+            flat.index_add_(0, delta.positions, delta.deltas.float() * alpha)
+        return flat
+
+    def live(component, key):
+        return getattr(sd, component).get_parameter(key).detach().view(-1)
+
+    sd.set_shira_adapters(["a", "b"], weights=[{"unet": 0.5, "text_encoder": 0.25}, 2.0])
+    assert torch.equal(live("unet", unet_key), expected("unet", unet_key, [(a, 0.5), (b, 2.0)]))
+    assert torch.equal(live("text_encoder", text_key), expected("text_encoder", text_key, [(a, 0.25)]))
+    assert sd.get_shira_adapters()["a"]["alpha"] == {"unet": 0.5, "text_encoder": 0.25}
+    sd.set_shira_adapters("a", {"unet": 0.5})  # a component left out keeps strength 1, as in diffusers
+    assert torch.equal(live("unet", unet_key), expected("unet", unet_key, [(a, 0.5)]))
+    assert torch.equal(live("text_encoder", text_key), expected("text_encoder", text_key, [(a, 1.0)]))
+    fused = snapshot(sd)
+    for weights, message in (({"unet": 1.0, "unet_2": 0.5}, "weight for component 'unet_2', which this pipeline does not have"),
+                             ({"unet": float("nan")}, r"adapter a\['unet'\]: weight must be a finite number, got nan"),
+                             ("0.5", "adapter a: weight must be a finite number, got '0.5'")):
+        with pytest.raises(ShiraLoadError, match=message):
+            sd.set_shira_adapters(["a"], weights=weights)
+        assert_unchanged(sd, fused)
+    with pytest.warns(UserWarning, match="adapter 'b' does not touch 'text_encoder'"):
+        sd.set_shira_adapters(["b"], weights={"text_encoder": 0.3})
+    with pytest.raises(ShiraLoadError, match="weight must be a finite number, got inf"):
+        sd.load_shira_weights(random_adapter(sd, 3), alpha=float("inf"), adapter_name="c")
+    sd.unload_shira_weights()
+    assert_unchanged(sd, before)
+
+
 def test_default_names_alpha_and_sources(sd, tmp_path):
     adapter = random_adapter(sd, 3)
     adapter.default_alpha = 0.25
