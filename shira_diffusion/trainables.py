@@ -328,13 +328,13 @@ class LoraTrainable:
 
     impl = "lora"
 
-    def __init__(self, model: nn.Module, module_names: list[str], rank: int):
+    def __init__(self, model: nn.Module, module_names: list[str], rank: int, dropout: float = 0.0):
         from peft import LoraConfig
 
         if rank <= 0:
             raise ConfigError(f"--rank must be a positive integer, got {rank}")
         self.model, self.rank = model, rank
-        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(module_names)))
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=list(module_names)))
         self._named = [(n, p) for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:

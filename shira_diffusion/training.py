@@ -61,6 +61,7 @@ class TrainingConfig:
     max_train_steps: int | None = None
     num_train_epochs: int = 1
     learning_rate: float = 1e-4
+    text_encoder_lr: float | None = None
     scale_lr: bool = False
     lr_scheduler: str = "cosine"
     lr_warmup_steps: int = 0
@@ -84,6 +85,7 @@ class TrainingConfig:
     validation_prompt: str | None = None
     num_validation_images: int = 4
     validation_steps: int = 100
+    validation_epochs: int | None = None
     validation_inference_steps: int = 25
     report_to: str = "tensorboard"
     logging_dir: str = "logs"
@@ -101,6 +103,7 @@ class TrainingConfig:
     target_conv: bool = False
     calibration_batches: int = 4
     rank: int = 64
+    lora_dropout: float = 0.0
 
 
 @dataclass
@@ -133,12 +136,16 @@ def validate_config(config: TrainingConfig) -> None:
     if not 0 < config.density <= 1:
         raise ConfigError(f"--density must be in (0, 1], got {config.density}")
     for name in ("shira_r", "rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "calibration_batches",
-                 "sample_batch_size", "lr_num_cycles"):
+                 "sample_batch_size", "lr_num_cycles", "validation_epochs"):
         value = getattr(config, name)
         if value is not None and value <= 0:
             raise ConfigError(f"--{name} must be a positive integer, got {value}")
     if config.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise ConfigError(f"--mixed_precision must be no, fp16 or bf16, got {config.mixed_precision!r}")
+    if config.text_encoder_lr is not None and (config.text_encoder_lr < 0 or not config.train_text_encoder):
+        raise ConfigError(f"--text_encoder_lr {config.text_encoder_lr}: needs --train_text_encoder and a rate >= 0")
+    if not 0 <= config.lora_dropout < 1:
+        raise ConfigError(f"--lora_dropout must be in [0, 1), got {config.lora_dropout}")
     if config.prior_generation_precision not in (None, "no", "fp32", "fp16", "bf16"):
         raise ConfigError(f"--prior_generation_precision must be no, fp32, fp16 or bf16, got {config.prior_generation_precision!r}")
     if config.hub_token is not None and config.report_to in ("wandb", "all"):  # diffusers' scripts refuse it too
@@ -379,7 +386,7 @@ def train(config: TrainingConfig) -> TrainingResult:
         trainables = {c: ShiraTrainable(components[c], masks.pop(c), config.impl) for c in targets}  # pop: the
         # trainables keep the positions (int32 for sparse), so the int64 masks need not stay alive
     else:
-        trainables = {c: LoraTrainable(components[c], sorted(targets[c]), config.rank) for c in targets}
+        trainables = {c: LoraTrainable(components[c], sorted(targets[c]), config.rank, config.lora_dropout) for c in targets}
     named = [(f"{c}::{n}", p) for c, t in trainables.items() for n, p in t.named_parameters()]
     trainable_parameters = sum(t.num_parameters for t in trainables.values())
 
@@ -390,6 +397,9 @@ def train(config: TrainingConfig) -> TrainingResult:
 
         optimizer_class = bnb.optim.AdamW8bit
     groups = [t.param_group(config.adam_weight_decay) for t in trainables.values()]
+    for group, component in zip(groups, trainables):
+        if component != "unet" and config.text_encoder_lr is not None:  # as diffusers' SDXL script (not --scale_lr'd)
+            group["lr"] = config.text_encoder_lr
     optimizer = optimizer_class(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
     for trainable in trainables.values():
         trainable.track(optimizer)  # sparse: W0 + v is rewritten once per optimizer step, not once per forward
@@ -464,9 +474,9 @@ def train(config: TrainingConfig) -> TrainingResult:
                 accelerator.backward(loss)
                 step_loss += loss.detach() / config.gradient_accumulation_steps
                 if accelerator.sync_gradients:
-                    lr = optimizer.param_groups[0]["lr"]  # the rate this optimizer step uses
-                    for trainable in trainables.values():  # hook impl: re-mask gradients, masked weight decay
-                        trainable.decay_toward_base(lr, config.adam_weight_decay)
+                    lr = optimizer.param_groups[0]["lr"]  # the UNet's rate for this optimizer step
+                    for trainable, group in zip(trainables.values(), optimizer.param_groups):  # one group each
+                        trainable.decay_toward_base(group["lr"], config.adam_weight_decay)  # hook impl: masked decay
                     accelerator.clip_grad_norm_([p for _, p in named], config.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients and accelerator.optimizer_step_was_skipped:
@@ -495,6 +505,8 @@ def train(config: TrainingConfig) -> TrainingResult:
                 break
         if global_step >= max_steps:
             break
+        if config.validation_prompt and config.validation_epochs and (epoch + 1) % config.validation_epochs == 0 and global_step < max_steps:
+            _validate(config, accelerator, model_path, unet, text_encoders, vae, global_step)
     progress.close()
 
     # 7. Final validation, adapter, model card.

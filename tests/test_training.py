@@ -300,7 +300,7 @@ def test_resumed_run_ends_with_the_same_adapter(setup):
 
 
 def test_lora_baseline_is_a_diffusers_lora_file_on_every_target(setup):
-    result = train(config(setup, "lora", adapter="lora", rank=4, max_train_steps=4))
+    result = train(config(setup, "lora", adapter="lora", rank=4, max_train_steps=4, lora_dropout=0.1))
     assert result.adapter_path.name == "pytorch_lora_weights.safetensors"
     targets = find_targets(tiny_pipeline("sd").unet, UNET_TARGETS)
     assert result.trainable_parameters == sum(4 * (m.in_features + m.out_features) for m in targets.values())
@@ -312,6 +312,18 @@ def test_lora_baseline_is_a_diffusers_lora_file_on_every_target(setup):
     tuned = pipe("fox", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert not np.allclose(base, tuned)
     assert "LoRA (rank 4)" in (result.output_dir / "README.md").read_text()
+    assert pipe.unet.peft_config[pipe.get_list_adapters()["unet"][0]].lora_dropout == 0.1  # stored with the file
+
+
+def test_text_encoder_lr_and_validation_epochs(setup):
+    # 6 images, batch 3: 2 steps per epoch; validation after each epoch (step 2) and at the end (step 4).
+    result = train(config(setup, "te_lr", mask="rand", max_train_steps=4, train_text_encoder=True, text_encoder_lr=0.0,
+                          validation_prompt="a shape", validation_epochs=1, validation_steps=0, num_validation_images=1,
+                          validation_inference_steps=2))
+    adapter = ShiraAdapter.load(result.adapter_path)
+    moved = {component for component, _, delta in adapter.items() if delta.deltas.abs().max() > 0}
+    assert moved == {"unet"} and "text_encoder" in adapter.components  # trained at rate 0: not moved at all
+    assert sorted(p.name for p in (result.output_dir / "validation").glob("*.png")) == ["step-000002-0.png", "step-000004-0.png"]
 
 
 def test_sdxl_and_text_encoder_training_with_validation_images(tmp_path, setup):
@@ -364,6 +376,8 @@ def test_bad_training_input_gives_clear_errors_before_training(setup, tmp_path, 
         (data + ["--pretrained_vae_model_name_or_path", str(tmp_path / "novae")], "novae: no such model folder"),
         (data + ["--sample_batch_size", "0"], "--sample_batch_size must be a positive integer, got 0"),
         (data + ["--hub_token", "secret", "--report_to", "wandb"], "--hub_token with --report_to wandb would expose the token"),
+        (data + ["--text_encoder_lr", "1e-5"], "--text_encoder_lr 1e-05: needs --train_text_encoder"),
+        (data + ["--adapter", "lora", "--lora_dropout", "1"], r"--lora_dropout must be in \[0, 1\), got 1.0"),
     ]
     for extra, message in cases:
         assert main(base + extra) == 2

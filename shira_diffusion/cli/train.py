@@ -35,6 +35,9 @@ HELP = {
     "push_to_hub": "upload the output folder (adapter, model card, samples; not checkpoints) to the Hub at the end",
     "hub_model_id": "Hub repo for --push_to_hub (default: the output folder's name)",
     "hub_token": "Hub token (prefer `hf auth login`; refused with --report_to wandb)",
+    "text_encoder_lr": "learning rate of the text encoder(s) with --train_text_encoder (default: --learning_rate)",
+    "validation_epochs": "also generate validation images after every N epochs (diffusers' DreamBooth scripts' unit)",
+    "lora_dropout": "dropout of the LoRA baseline's layers (default 0)",
 }
 ALIASES = {"train_data_dir": ("--instance_data_dir",)}  # diffusers' DreamBooth scripts call it that
 CHOICES = {
