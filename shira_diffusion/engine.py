@@ -5,7 +5,8 @@ adapters' positions) and `backup` (the original values there). Every write recom
 
     W[p] = W0[p] + sum_i alpha_i * S_i[p]      (accumulated in fp32 from the backup, cast once)
 
-(alpha_i is one number per adapter, or one per component, as diffusers' `set_adapters` takes them)
+(alpha_i is one number per adapter, or one per component, or one per module prefix of a component: the
+forms diffusers' `set_adapters` takes, its UNet block scales expanded by the loader into module prefixes)
 
 over those positions only, so unloading restores W0 bit for bit in any dtype, whatever happened before
 (nothing is ever subtracted). Writes go in place into the existing parameter storage (`kernels`: one
@@ -37,7 +38,8 @@ class ShiraLoadError(ValueError):
     """An adapter does not fit the model (unknown component/weight, shape, name in use...)."""
 
 
-Strength = float | dict[str, float]  # one alpha, or alpha per component (a component left out: 1.0)
+# One alpha; or {component: alpha | {module prefix: alpha}}. Left out (component, or weight under no prefix): 1.0.
+Strength = float | dict[str, float | dict[str, float]]
 
 
 def _finite(what: str, value) -> float:
@@ -46,8 +48,16 @@ def _finite(what: str, value) -> float:
     return float(value)
 
 
-def _alpha(strength: Strength, component: str) -> float:
-    return strength if isinstance(strength, float) else strength.get(component, 1.0)
+def _alpha(strength: Strength, key: str) -> float:
+    """The alpha of weight `key` ("<component>.<parameter>"): the longest module prefix that holds it wins."""
+    if isinstance(strength, float):
+        return strength
+    component, _, name = key.partition(".")
+    scale = strength.get(component, 1.0)
+    if isinstance(scale, float):
+        return scale
+    holding = [prefix for prefix in scale if name.startswith(prefix + ".")]
+    return scale[max(holding, key=len)] if holding else 1.0
 
 
 @dataclass
@@ -135,9 +145,10 @@ class ScatterEngine:
             found.append(parameter)
         return found
 
-    def check_strength(self, name: str, strength: float | Mapping[str, float]) -> Strength:
-        """A float, or a {component: float} dict naming only this pipeline's components (diffusers' per-component
-        `adapter_weights`); a component the adapter does not touch gets a warning, as in diffusers."""
+    def check_strength(self, name: str, strength: float | Mapping[str, float | Mapping[str, float]]) -> Strength:
+        """A float; or {component: float | {module prefix: float}} naming only this pipeline's components and
+        modules that exist in them (diffusers' per-component `adapter_weights`; its UNet block scales arrive here
+        expanded into prefixes). A component the adapter does not touch gets a warning, as in diffusers."""
         if not isinstance(strength, Mapping):
             return _finite(name, strength)
         unknown = [c for c in strength if c not in self.components]
@@ -147,7 +158,20 @@ class ScatterEngine:
         unused = [c for c in strength if c not in self.adapters[name].components]
         if unused:
             warnings.warn(f"adapter {name!r} does not touch {unused[0]!r}; its weight there has no effect", stacklevel=3)
-        return {c: _finite(f"{name}[{c!r}]", w) for c, w in strength.items()}
+        checked: dict[str, float | dict[str, float]] = {}
+        for component, scale in strength.items():
+            if not isinstance(scale, Mapping):
+                checked[component] = _finite(f"{name}[{component!r}]", scale)
+                continue
+            module = self.components[component]
+            for prefix in scale:
+                try:
+                    module.get_submodule(prefix)
+                except AttributeError:
+                    raise ShiraLoadError(f"adapter {name!r}: weight for {component}.{prefix}, which is no module of "
+                                         f"{type(module).__name__}") from None
+            checked[component] = {prefix: _finite(f"{name}[{component!r}][{prefix!r}]", value) for prefix, value in scale.items()}
+        return checked
 
     def check_names(self, names: Iterable[str]) -> list[str]:
         names = list(names)
@@ -282,8 +306,7 @@ class ScatterEngine:
         for key in keys:
             target = self.targets[key]
             self._bring_to(key, target.parameter)
-            component = key.partition(".")[0]
-            entries = [(target.entries[name], _alpha(strength, component)) for name, strength in active if name in target.entries]
+            entries = [(target.entries[name], _alpha(strength, key)) for name, strength in active if name in target.entries]
             if not entries:
                 jobs.append((target.parameter.data, target.positions, target.backup))
                 continue

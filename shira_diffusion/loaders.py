@@ -121,6 +121,43 @@ def _from_tensors(tensors: Mapping[str, torch.Tensor], shape_of) -> ShiraAdapter
     return ShiraAdapter.from_state_dict(tensors, metadata, source="state dict")
 
 
+_BLOCKS = ("down", "mid", "up")
+
+
+def _expand_unet_blocks(adapter_name: str, component: str, unet: nn.Module, scales: Mapping[str, Any]) -> dict[str, Any]:
+    """diffusers' UNet block scales ({"down": .., "mid": .., "up": {"block_0": [..]}}) -> {attention prefix: scale},
+    after checks diffusers' own expansion does not make (unknown keys and blocks)."""
+    from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
+
+    where = f"adapter {adapter_name!r}, {component}"
+    if not hasattr(unet, "down_blocks") or not hasattr(unet, "up_blocks"):
+        raise ShiraLoadError(f"{where}: down / mid / up block scales apply to a UNet, not to {type(unet).__name__}")
+    unknown = [key for key in scales if key not in _BLOCKS]
+    if unknown:
+        raise ShiraLoadError(f"{where}: unknown block key {unknown[0]!r} (expected down, mid, up)")
+    for side in ("down", "up"):
+        blocks = [f"block_{i}" for i, block in enumerate(getattr(unet, f"{side}_blocks")) if hasattr(block, "attentions")]
+        if isinstance(scales.get(side), Mapping):
+            extra = [block for block in scales[side] if block not in blocks]
+            if extra:
+                raise ShiraLoadError(f"{where}: {side}.{extra[0]} has no attention layers (blocks with them: {blocks})")
+    try:
+        return _maybe_expand_lora_scales(unet, [dict(scales)])[0]
+    except ValueError as error:  # e.g. a list of the wrong length for a block
+        raise ShiraLoadError(f"{where}: {error}") from None
+
+
+def _expand_blocks(adapter_name: str, strength: Any, components: Mapping[str, nn.Module]) -> Any:
+    """A strength with UNet block scales in it, those expanded to module prefixes (the engine checks the rest)."""
+    if not isinstance(strength, Mapping):
+        return strength
+    expanded = dict(strength)
+    for component, scale in strength.items():
+        if component in components and isinstance(scale, Mapping) and set(scale) & set(_BLOCKS):
+            expanded[component] = _expand_unet_blocks(adapter_name, component, components[component], scale)
+    return expanded
+
+
 class ShiraLoaderMixin:
     """Adds `load_shira_weights`, `set_shira_adapters`, `unload_shira_weights`, `disable_shira`,
     `enable_shira`, `get_shira_adapters` and `get_active_shira_adapters` to a diffusers pipeline.
@@ -218,8 +255,10 @@ class ShiraLoaderMixin:
     ) -> None:
         """Make exactly these adapters active, fused at these strengths (default: each one's last strength).
 
-        A strength is a float or, as in diffusers' `set_adapters`, {component: float} (components left out: 1.0);
-        one strength (not a list) applies to every named adapter.
+        A strength is a float or, as in diffusers' `set_adapters`, {component: float} (components left out: 1.0),
+        with UNet block scales too ({"unet": {"down": 0, "mid": 0, "up": {"block_0": [0, 1, 0]}}}: attention
+        blocks; other UNet weights keep 1.0) or {component: {module prefix: float}} for any component.
+        One strength (not a list) applies to every named adapter.
         Usage: pipe.set_shira_adapters(["bluefire", "paintings"], weights=[0.7, {"unet": 0.5, "text_encoder": 0.2}])
         """
         engine = self.shira_engine
@@ -233,7 +272,7 @@ class ShiraLoaderMixin:
                 raise ShiraLoadError(f"{len(names)} adapter names but {len(values)} weights")
         else:  # one strength for all (the engine checks that it is one)
             values = [weights] * len(names)
-        engine.set_active(dict(zip(names, values)))
+        engine.set_active({name: _expand_blocks(name, value, engine.components) for name, value in zip(names, values)})
 
     def unload_shira_weights(self, adapter_names: str | Sequence[str] | None = None) -> None:
         """Remove some adapters, or all (then every weight is the original, bit for bit, backup freed)."""

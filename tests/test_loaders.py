@@ -96,7 +96,9 @@ def test_thousand_random_operations_then_unload_is_bit_exact(dtype):
             pipe.set_shira_adapters(rng.choice(loaded))
         elif operation == "fuse":
             names = rng.sample(loaded, rng.randint(0, len(loaded)))
-            pipe.set_shira_adapters(names, weights=[rng.uniform(-1.5, 1.5) for _ in names])
+            pipe.set_shira_adapters(names, weights=[rng.uniform(-1.5, 1.5) if rng.random() < 0.7 else  # or per component / block
+                                                    {"unet": {"mid": rng.uniform(-1, 1), "up": rng.uniform(-1, 1)}, "text_encoder": rng.uniform(-1, 1)}
+                                                    for _ in names])
         elif operation == "alpha":
             pipe.set_shira_adapters(pipe.get_active_shira_adapters() or loaded[:1], weights=rng.uniform(0, 2))
         elif operation == "disable":
@@ -168,6 +170,40 @@ def test_per_component_weights_as_in_diffusers_set_adapters(sd):
         sd.set_shira_adapters(["b"], weights={"text_encoder": 0.3})
     with pytest.raises(ShiraLoadError, match="weight must be a finite number, got inf"):
         sd.load_shira_weights(random_adapter(sd, 3), alpha=float("inf"), adapter_name="c")
+    sd.unload_shira_weights()
+    assert_unchanged(sd, before)
+
+
+def test_unet_block_scales_and_module_prefix_scales(sd):
+    before = snapshot(sd)
+    adapter = random_adapter(sd, 4)
+    sd.load_shira_weights(adapter, adapter_name="a")
+    layer0 = next(iter(adapter.deltas["text_encoder"])).split("layers.")[0] + "layers.0"  # transformers 4 / 5 naming
+    # diffusers' block form (InstantStyle-like: style in one up attention), and a prefix for the text encoder
+    sd.set_shira_adapters("a", {"unet": {"down": 0.0, "mid": 0.5, "up": {"block_0": [0.0, 1.0]}}, "text_encoder": {layer0: 0.25}})
+
+    def expected_alpha(component, key):
+        rules = {"unet": [("down_blocks.1.attentions.0.", 0.0), ("mid_block.attentions.0.", 0.5), ("up_blocks.0.attentions.0.", 0.0),
+                          ("up_blocks.0.attentions.1.", 1.0)], "text_encoder": [(layer0 + ".", 0.25)]}
+        return next((alpha for prefix, alpha in rules[component] if key.startswith(prefix)), 1.0)  # e.g. resnets: 1.0
+
+    seen = set()
+    for component, key, delta in adapter.items():
+        alpha = expected_alpha(component, key)
+        seen.add((component, alpha))
+        flat = before[f"{component}.{key}"].clone().view(-1)
+        flat.index_add_(0, delta.positions, delta.deltas.float() * alpha)
+        assert torch.equal(getattr(sd, component).get_parameter(key).detach().view(-1), flat), key
+    assert {("unet", 0.0), ("unet", 0.5), ("unet", 1.0), ("text_encoder", 0.25), ("text_encoder", 1.0)} <= seen
+    fused = snapshot(sd)
+    for weights, message in (({"unet": {"up": {"block_1": 1.0}}}, r"unet: up.block_1 has no attention layers \(blocks with them: \['block_0'\]\)"),
+                             ({"unet": {"down": 1.0, "side": 2.0}}, "unknown block key 'side'"),
+                             ({"unet": {"up": {"block_0": [1.0, 2.0, 3.0]}}}, "Expected 2 scales for up.block_0, got 3"),
+                             ({"text_encoder": {"mid": 1.0}}, "block scales apply to a UNet, not to CLIPTextModel"),
+                             ({"unet": {"mid_block.attention": 1.0}}, "weight for unet.mid_block.attention, which is no module")):
+        with pytest.raises(ShiraLoadError, match=message):
+            sd.set_shira_adapters("a", weights)
+        assert_unchanged(sd, fused)
     sd.unload_shira_weights()
     assert_unchanged(sd, before)
 
