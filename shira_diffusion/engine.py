@@ -145,17 +145,18 @@ class ScatterEngine:
             found.append(parameter)
         return found
 
-    def check_strength(self, name: str, strength: float | Mapping[str, float | Mapping[str, float]]) -> Strength:
+    def check_strength(self, name: str, strength: float | Mapping[str, float | Mapping[str, float]], adapter: ShiraAdapter | None = None) -> Strength:
         """A float; or {component: float | {module prefix: float}} naming only this pipeline's components and
         modules that exist in them (diffusers' per-component `adapter_weights`; its UNet block scales arrive here
-        expanded into prefixes). A component the adapter does not touch gets a warning, as in diffusers."""
+        expanded into prefixes). A component the adapter (default: the loaded one of that name) does not touch
+        gets a warning, as in diffusers."""
         if not isinstance(strength, Mapping):
             return _finite(name, strength)
         unknown = [c for c in strength if c not in self.components]
         if unknown:
             raise ShiraLoadError(f"adapter {name!r}: weight for component {unknown[0]!r}, which this pipeline does not have "
                                  f"(it has {sorted(self.components)})")
-        unused = [c for c in strength if c not in self.adapters[name].components]
+        unused = [c for c in strength if c not in (adapter or self.adapters[name]).components]
         if unused:
             warnings.warn(f"adapter {name!r} does not touch {unused[0]!r}; its weight there has no effect", stacklevel=3)
         checked: dict[str, float | dict[str, float]] = {}
@@ -183,11 +184,13 @@ class ScatterEngine:
         return names
 
     # ---- mutations -------------------------------------------------------------------------------
-    def add(self, name: str, adapter: ShiraAdapter, alpha: float, activate: bool = True, validated: bool = False) -> None:
-        """Validate, back up the new positions, then write. Usage: engine.add("a", adapter, 1.0)"""
+    def add(self, name: str, adapter: ShiraAdapter, alpha: float | Mapping, activate: bool = True, validated: bool = False) -> None:
+        """Validate, back up the new positions, then write. `alpha`: any strength `set_active` takes.
+        Usage: engine.add("a", adapter, 1.0)"""
         with self.lock:
-            alpha = _finite(name, alpha)
             parameters = self.check(adapter, name, validated)
+            strength = self.check_strength(name, alpha, adapter)
+            uniform = isinstance(strength, float)
             fresh, joined = [], []  # weights nothing touched yet / weights other adapters already touch
             for (component, param_name, delta), parameter in zip(adapter.items(), parameters):
                 key = f"{component}.{param_name}"
@@ -200,8 +203,8 @@ class ScatterEngine:
                 else:
                     joined.append((key, target, entry))
             with torch.no_grad():
-                if activate and self.enabled:  # W0 + alpha*S written while the backup is read: one pass
-                    backups = kernels.gather_add_scatter([(p.data, e.positions, e.deltas) for _, p, e in fresh], alpha)
+                if activate and self.enabled and uniform:  # W0 + alpha*S written while the backup is read: one pass
+                    backups = kernels.gather_add_scatter([(p.data, e.positions, e.deltas) for _, p, e in fresh], strength)
                 else:
                     backups = kernels.gather([(p.data, e.positions) for _, p, e in fresh])
             for (key, parameter, entry), backup in zip(fresh, backups):
@@ -210,11 +213,12 @@ class ScatterEngine:
             for _, target, entry in joined:
                 target.entries[name] = entry
                 self._reslot(target)
-            self.alphas[name] = alpha
+            self.alphas[name] = strength
             self.adapters[name] = adapter
             if activate:
                 self.active.append(name)
-            self._write([key for key, _, _ in joined])
+            rewrite = [key for key, _, _ in joined] + ([] if uniform or not activate else [key for key, _, _ in fresh])
+            self._write(rewrite)  # joined weights: the sum with the others; fresh ones at a non-uniform strength
 
     def set_active(self, weights: Mapping[str, float | Mapping[str, float]]) -> None:
         """Exactly these adapters active, at these strengths (multi-adapter fusion); a strength is a float or

@@ -217,7 +217,7 @@ class ShiraLoaderMixin:
     def load_shira_weights(
         self,
         src: AdapterSource,
-        alpha: float | None = None,
+        alpha: float | Mapping[str, Any] | None = None,
         adapter_name: str | None = None,
         *,
         weight_name: str | None = None,
@@ -225,7 +225,8 @@ class ShiraLoaderMixin:
         component: str | None = None,
         **hub_kwargs: Any,
     ) -> str:
-        """Load an adapter and fuse it at once at strength `alpha` (default: the file's default, 1.0).
+        """Load an adapter and fuse it at once at strength `alpha` (default: the file's default, 1.0); `alpha`
+        takes every form `set_shira_adapters` does (per component, UNet blocks, module prefixes).
 
         `src`: a .safetensors file, a folder, a Hub repo id (`weight_name`, `subfolder`, and hub kwargs such
         as `revision`, `cache_dir`, `token`, `local_files_only`), a state dict, or a ShiraAdapter. PEFT SHiRA
@@ -245,7 +246,8 @@ class ShiraLoaderMixin:
                     index += 1
                 adapter_name = f"default_{index}"
             # Files and state dicts were checked while being read; a caller's object is checked here.
-            engine.add(adapter_name, adapter, adapter.default_alpha if alpha is None else alpha, validated=not isinstance(src, ShiraAdapter))
+            strength = adapter.default_alpha if alpha is None else _expand_blocks(adapter_name, alpha, engine.components)
+            engine.add(adapter_name, adapter, strength, validated=not isinstance(src, ShiraAdapter))
             return adapter_name
 
     def set_shira_adapters(

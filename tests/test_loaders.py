@@ -168,6 +168,15 @@ def test_per_component_weights_as_in_diffusers_set_adapters(sd):
         assert_unchanged(sd, fused)
     with pytest.warns(UserWarning, match="adapter 'b' does not touch 'text_encoder'"):
         sd.set_shira_adapters(["b"], weights={"text_encoder": 0.3})
+    sd.set_shira_adapters(["a"], weights={"unet": 0.5, "text_encoder": 0.25})
+    fused = snapshot(sd)
+    sd.unload_shira_weights()
+    sd.load_shira_weights(a, alpha={"unet": 0.5, "text_encoder": 0.25}, adapter_name="a")  # the same forms at load time
+    assert_unchanged(sd, fused)
+    with pytest.raises(ShiraLoadError, match="up.block_1 has no attention layers"):
+        sd.load_shira_weights(b, alpha={"unet": {"up": {"block_1": 1.0}}}, adapter_name="b2")
+    assert_unchanged(sd, fused)
+    assert sd.get_active_shira_adapters() == ["a"] and "b2" not in sd.get_shira_adapters()
     with pytest.raises(ShiraLoadError, match="weight must be a finite number, got inf"):
         sd.load_shira_weights(random_adapter(sd, 3), alpha=float("inf"), adapter_name="c")
     sd.unload_shira_weights()
