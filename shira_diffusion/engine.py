@@ -23,8 +23,8 @@ from __future__ import annotations
 import math
 import numbers
 import threading
-from collections.abc import Iterable, Mapping
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -222,7 +222,7 @@ class ScatterEngine:
 
     def set_active(self, weights: Mapping[str, float | Mapping[str, float]]) -> None:
         """Exactly these adapters active, at these strengths (multi-adapter fusion); a strength is a float or
-        {component: float}."""
+        {component: float | {module prefix: float}} (see `check_strength`)."""
         with self.lock:
             names = self.check_names(weights)
             strengths = {name: self.check_strength(name, weights[name]) for name in names}  # all checked before any write

@@ -109,8 +109,9 @@ class TrainingConfig:
 @dataclass
 class TrainingResult:
     """What `train` produced and measured. `losses` has one entry per optimizer step (mean over the
-    accumulated micro-batches and processes), `learning_rates` the rate each step used; `peak_memory_bytes` is torch.cuda.max_memory_allocated on GPU,
-    the process's max RSS on CPU; `steps_per_second` excludes validation and checkpoint saving."""
+    accumulated micro-batches and processes), `learning_rates` the UNet's rate at each of those steps;
+    `peak_memory_bytes` is torch.cuda.max_memory_allocated on GPU, the process's max RSS on CPU;
+    `steps_per_second` excludes validation and checkpoint saving."""
 
     adapter_path: Path
     output_dir: Path
