@@ -311,7 +311,7 @@ class ShiraTrainable:
         for hook in self.hooks:
             hook.remove()
         self.hooks.clear()
-        for name, module in self.modules.items():
+        for module in self.modules.values():
             if self.impl == "sparse" and "shira_values" in module._parameters:
                 module.__dict__.pop("shira_written", None)
                 _write_effective([module])  # the values may have changed since the last forward
