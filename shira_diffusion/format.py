@@ -102,9 +102,8 @@ class SparseDelta:
             return
         positions = self.positions.to(torch.int64)
         if not bool(torch.all(positions[1:] > positions[:-1])):  # only now find which problem it is
-            steps = positions[1:] - positions[:-1]
-            at = int(torch.nonzero(steps <= 0)[0])
-            if int(steps[at]) == 0:
+            at = int(torch.nonzero(positions[1:] <= positions[:-1])[0])  # compared, not subtracted: no overflow
+            if int(positions[at]) == int(positions[at + 1]):
                 raise ShiraFormatError(f"{key}: duplicate position {int(positions[at])}")
             raise ShiraFormatError(
                 f"{key}: positions are not sorted ({int(positions[at])} comes before {int(positions[at + 1])})"

@@ -134,10 +134,11 @@ if numba is not None:
                 if (delta[i] & mask) == mask:
                     status[job, 0], status[job, 1] = NONFINITE, i
                     break
-                position += gap
+                position += gap  # < numel + 2**47: cannot overflow, as the loop stops at the first one out of range
+                if position >= numel:
+                    status[job, 0], status[job, 1] = OUT_OF_RANGE, position
+                    break
                 out[i] = position
-            if status[job, 0] == 0 and count > 0 and position >= numel:
-                status[job, 0], status[job, 1] = OUT_OF_RANGE, position
 
 
 def _addresses(tensors: Sequence[torch.Tensor]) -> np.ndarray:
@@ -290,7 +291,7 @@ def decode(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
 
     Each job: (uint16 gaps, int64 high-bit indices (increasing, in range), int64 high bits (>= 0), 1-D float
     deltas of the same length, entries in the weight). Returns the int64 positions and, per job, (0, 0) or
-    (ZERO_GAP, gap index) / (OUT_OF_RANGE, last position) / (NONFINITE, delta index). Gaps >= 1 make
+    (ZERO_GAP, gap index) / (OUT_OF_RANGE, the first position out of range) / (NONFINITE, delta index). Gaps >= 1 make
     positions sorted, unique and >= 0 by construction, so these are all the checks positions need.
     """
     outs = [torch.empty(gaps.numel(), dtype=torch.int64) for gaps, *_ in jobs]
@@ -321,12 +322,15 @@ def _decode_torch(gaps: torch.Tensor, hi_index: torch.Tensor, hi: torch.Tensor, 
     full = gaps.to(torch.int64)
     if hi_index.numel():
         full[hi_index] += hi << 16
-    positions = torch.cumsum(full, 0) - 1
+    # Gaps are >= 0, so positions rise: clamping each gap to numel + 1 keeps the running sum from overflowing
+    # without moving the first position that falls out of range (reported with its real value below).
+    positions = torch.cumsum(full.clamp(max=numel + 1), 0) - 1
+    outside = torch.nonzero(positions >= numel)
     problems = [(int(found[0]), kind) for found, kind in ((torch.nonzero(full == 0), ZERO_GAP),
-                (torch.nonzero(~torch.isfinite(deltas)), NONFINITE)) if found.numel()]
+                (torch.nonzero(~torch.isfinite(deltas)), NONFINITE), (outside, OUT_OF_RANGE)) if found.numel()]
     if problems:
         index, kind = min(problems)  # the first by index, as the compiled loop finds it
+        if kind == OUT_OF_RANGE:
+            return positions, (kind, (int(positions[index - 1]) if index else -1) + int(full[index]))
         return positions, (kind, index)
-    if positions.numel() and int(positions[-1]) >= numel:
-        return positions, (OUT_OF_RANGE, int(positions[-1]))
     return positions, (0, 0)

@@ -141,6 +141,9 @@ def test_in_memory_adapter_checks_negative_unsorted_and_float_positions():
         ShiraAdapter({"unet": {"w": SparseDelta(shape, torch.tensor([-1, 3]), torch.ones(2))}}).validate()
     with pytest.raises(ShiraFormatError, match=r"not sorted \(7 comes before 3\)"):
         ShiraAdapter({"unet": {"w": SparseDelta(shape, torch.tensor([7, 3]), torch.ones(2))}}).validate()
+    huge = 1 << 62  # steps between these overflow int64: the order must be compared, not subtracted
+    with pytest.raises(ShiraFormatError, match=rf"not sorted \({huge} comes before {-huge}\)"):
+        ShiraAdapter({"unet": {"w": SparseDelta(shape, torch.tensor([0, huge, -huge]), torch.ones(3))}}).validate()
     with pytest.raises(ShiraFormatError, match="positions must be integers, found torch.float32"):
         ShiraAdapter({"unet": {"w": SparseDelta(shape, torch.tensor([1.0, 3.0]), torch.ones(2))}}).validate()
 

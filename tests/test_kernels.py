@@ -109,6 +109,24 @@ def test_decode_finds_the_first_problem_of_each_tensor(path, dtype):
     assert problems == [(0, 0), (kernels.NONFINITE, 1), (kernels.OUT_OF_RANGE, 9), (kernels.ZERO_GAP, 1)]
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_decode_stops_at_the_first_position_out_of_range_before_the_sum_can_wrap(monkeypatch, compiled):
+    # 2**17 gaps of 2**47 - 1 each would wrap int64 and land back in range (a crafted file): the first one out of
+    # range must end the decode, on both paths.
+    if not compiled:
+        monkeypatch.setattr(kernels, "numba", None)
+    elif kernels.numba is None:
+        pytest.skip("numba is not installed")
+    count = (1 << 17) + 2
+    gaps = torch.full((count,), 0xFFFF, dtype=torch.int32).to(torch.uint16)
+    gaps[0], gaps[-1] = 1, 5
+    hi_index = torch.arange(1, count, dtype=torch.int64)
+    hi = torch.full((count - 1,), (1 << 31) - 1, dtype=torch.int64)
+    hi[-1] = 2
+    _, problems = kernels.decode([(gaps, hi_index, hi, torch.ones(count), 100)])
+    assert problems == [(kernels.OUT_OF_RANGE, (1 << 47) - 1)]  # position 0, then 0 + (2**47 - 1)
+
+
 def test_pipeline_load_fuse_unload_is_the_same_on_both_paths(monkeypatch):
     from shira_diffusion.testing import tiny_pipeline
 
