@@ -136,6 +136,21 @@ def _nonfinite(key: str, deltas: torch.Tensor, index: int) -> ShiraFormatError:
     return ShiraFormatError(f"{key}: non-finite delta {float(deltas[index])} (entry {index})")
 
 
+def _checked_fields(metadata: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The optional metadata fields, type-checked (the header is JSON anyone can write)."""
+    fields = {"mask_type": metadata.get("mask_type"), "base_model": metadata.get("base_model")}
+    for name, value in fields.items():
+        if value is not None and not isinstance(value, str):
+            raise ShiraFormatError(f"{source}: metadata {name!r} must be a string or null, found {value!r}")
+    alpha = metadata.get("default_alpha", 1.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ShiraFormatError(f"{source}: metadata 'default_alpha' must be a finite number, found {alpha!r}")
+    extra = metadata.get("extra") or {}
+    if not isinstance(extra, Mapping):
+        raise ShiraFormatError(f"{source}: metadata 'extra' must be a JSON object, found {extra!r}")
+    return {**fields, "default_alpha": float(alpha), "extra": dict(extra)}
+
+
 def encode_positions(positions: torch.Tensor) -> dict[str, torch.Tensor]:
     """Sorted unique int positions -> uint16 gaps (+ int32 high bits of the rare gaps >= 2**16)."""
     positions = positions.to(torch.int64)
@@ -285,6 +300,8 @@ class ShiraAdapter:
         cls, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], source: str = "state dict"
     ) -> "ShiraAdapter":
         """Build from the on-disk tensors and header metadata; validates everything."""
+        if not isinstance(metadata, Mapping):
+            raise ShiraFormatError(f"{source}: metadata must be a JSON object, found {type(metadata).__name__}")
         version = metadata.get("format_version")
         if version != FORMAT_VERSION:
             raise ShiraFormatError(f"{source}: unsupported SHiRA format version {version!r} (expected {FORMAT_VERSION})")
@@ -321,16 +338,9 @@ class ShiraAdapter:
                 raise _nonfinite(key, job[3], index)
             component, _, name = key.partition(".")
             deltas.setdefault(component, {})[name] = SparseDelta(shape, decoded, job[3])
-        adapter = cls(
-            deltas,
-            mask_type=metadata.get("mask_type"),
-            default_alpha=float(metadata.get("default_alpha", 1.0)),
-            base_model=metadata.get("base_model"),
-            extra=dict(metadata.get("extra") or {}),
-        )
         if not deltas:
             raise ShiraFormatError(f"{source}: adapter has no tensors")
-        return adapter
+        return cls(deltas, **_checked_fields(metadata, source))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ShiraAdapter":

@@ -148,6 +148,25 @@ def test_in_memory_adapter_checks_negative_unsorted_and_float_positions():
         ShiraAdapter({"unet": {"w": SparseDelta(shape, torch.tensor([1.0, 3.0]), torch.ones(2))}}).validate()
 
 
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        ([1, 2], "metadata must be a JSON object, found list"),
+        ({"default_alpha": [1]}, r"'default_alpha' must be a finite number, found \[1\]"),
+        ({"default_alpha": None}, "'default_alpha' must be a finite number, found None"),
+        ({"extra": [1, 2]}, r"'extra' must be a JSON object, found \[1, 2\]"),
+        ({"mask_type": 3}, "'mask_type' must be a string or null, found 3"),
+    ],
+)
+def test_malformed_metadata_fields_raise_format_errors(tmp_path, metadata, message):
+    if isinstance(metadata, dict):
+        metadata = {"format_version": 1, "shapes": {"unet.w": [10, 10]}, **metadata}
+    path = tmp_path / "bad.safetensors"
+    save_file(good_tensors(), str(path), metadata={METADATA_KEY: json.dumps(metadata)})
+    with pytest.raises(ShiraFormatError, match=message):
+        ShiraAdapter.load(path)
+
+
 def test_version_corrupt_truncated_and_non_shira_files(tmp_path):
     with pytest.raises(ShiraFormatError, match="unsupported SHiRA format version 99"):
         ShiraAdapter.load(write_raw(tmp_path / "v.safetensors", good_tensors(), {"unet.w": [10, 10]}, version=99))
