@@ -60,6 +60,13 @@ def _alpha(strength: Strength, key: str) -> float:
     return scale[max(holding, key=len)] if holding else 1.0
 
 
+def _spellings(name: str) -> tuple[str, ...]:
+    """`name`, then the spelling with / without transformers' `text_model.` prefix: transformers 5 dropped it
+    from CLIPTextModel's weight names (CLIPTextModelWithProjection keeps it), so files name either."""
+    other = name.removeprefix("text_model.") if name.startswith("text_model.") else f"text_model.{name}"
+    return name, other
+
+
 @dataclass
 class _Entry:
     """One adapter's share of one target: its deltas and where they sit in the target's union."""
@@ -103,17 +110,20 @@ class ScatterEngine:
                 f"adapter targets component {component!r}, which this pipeline does not have "
                 f"(it has {sorted(self.components)})"
             )
-        try:
-            parameter = module.get_parameter(name)
-        except AttributeError:
-            raise ShiraLoadError(f"{component}.{name}: no such weight in {type(module).__name__}") from None
-        return parameter
+        for spelling in _spellings(name):
+            try:
+                return module.get_parameter(spelling)
+            except AttributeError:
+                continue
+        raise ShiraLoadError(f"{component}.{name}: no such weight in {type(module).__name__}")
 
-    def check(self, adapter: ShiraAdapter, name: str | None = None, validated: bool = False) -> list[nn.Parameter]:
+    def check(self, adapter: ShiraAdapter, name: str | None = None, validated: bool = False) -> list[tuple[str, nn.Parameter]]:
         """Raise a clear error unless `adapter` can be added (under `name`) without touching weights.
 
-        Returns the live parameters in `adapter.items()` order. `validated=True` skips the format checks
-        for adapters that were just read (and checked) from a file.
+        Returns (key, live parameter) in `adapter.items()` order, the key being "<component>.<the model's own
+        name of the weight>": a weight tied under two names (T5's `shared` / `encoder.embed_tokens`) is one
+        target whichever name an adapter uses. `validated=True` skips the format checks for adapters that were
+        just read (and checked) from a file.
         """
         if name is not None and name in self.alphas:
             raise ShiraLoadError(f"adapter name {name!r} is already in use; unload it first or pick another name")
@@ -123,14 +133,24 @@ class ScatterEngine:
             except ShiraFormatError as error:
                 raise ShiraLoadError(str(error)) from None
         found = []
-        by_name: dict[str, dict[str, nn.Parameter]] = {}  # one walk per component, not one per weight
+        by_name: dict[str, tuple[dict[str, nn.Parameter], dict[int, str]]] = {}  # one walk per component
+        owners = {id(target.parameter): key for key, target in self.targets.items()}  # weights shared by components
+        keys_seen: dict[str, str] = {}
         for component, param_name, delta in adapter.items():
             key = f"{component}.{param_name}"
             if component not in by_name and component in self.components:
-                by_name[component] = dict(self.components[component].named_parameters(remove_duplicate=False))
-            parameter = by_name.get(component, {}).get(param_name)
+                module = self.components[component]
+                canonical = {id(p): n for n, p in module.named_parameters()}  # the first name of each tensor
+                by_name[component] = (dict(module.named_parameters(remove_duplicate=False)), canonical)
+            parameters, canonical = by_name.get(component, ({}, {}))
+            parameter = next((parameters[n] for n in _spellings(param_name) if n in parameters), None)
             if parameter is None:
                 parameter = self.resolve_parameter(component, param_name)  # raises the error naming what is missing
+            target_key = owners.get(id(parameter)) or f"{component}.{canonical.get(id(parameter), param_name)}"
+            if target_key in keys_seen:
+                raise ShiraLoadError(f"{key} and {keys_seen[target_key]} are the same (tied) weight; an adapter may "
+                                     "change it under one name only")
+            keys_seen[target_key] = key
             if not parameter.is_floating_point():
                 raise ShiraLoadError(f"{key}: weight dtype {parameter.dtype} is not floating point")
             if tuple(parameter.shape) != delta.shape:
@@ -142,7 +162,7 @@ class ScatterEngine:
                 raise ShiraLoadError(f"{key}: weight is on the meta device (sequential CPU offload is not supported)")
             if not parameter.is_contiguous():
                 raise ShiraLoadError(f"{key}: weight is not contiguous (e.g. channels_last); flat positions need row-major storage")
-            found.append(parameter)
+            found.append((target_key, parameter))
         return found
 
     def check_strength(self, name: str, strength: float | Mapping[str, float | Mapping[str, float]], adapter: ShiraAdapter | None = None) -> Strength:
@@ -192,8 +212,7 @@ class ScatterEngine:
             strength = self.check_strength(name, alpha, adapter)
             uniform = isinstance(strength, float)
             fresh, joined = [], []  # weights nothing touched yet / weights other adapters already touch
-            for (component, param_name, delta), parameter in zip(adapter.items(), parameters):
-                key = f"{component}.{param_name}"
+            for (_, _, delta), (key, parameter) in zip(adapter.items(), parameters):
                 self._bring_to(key, parameter)
                 device = parameter.device
                 entry = _Entry(delta.positions.to(device=device, dtype=torch.int64), delta.deltas.to(device=device, dtype=torch.float32))

@@ -441,9 +441,14 @@ pipe.load_shira_weights("<this repo>", weight_name="{weight_name}", alpha={self.
             if comp not in base:
                 raise ShiraFormatError(f"component {comp!r} is in the tuned state dicts but not in the base")
             base_sd = base[comp]
+            storages = set()  # a state_dict() lists a tied weight under each of its names: keep the first
             for name, tuned_w in tuned_sd.items():
                 if not torch.is_tensor(tuned_w) or not tuned_w.is_floating_point():
                     continue
+                storage = (tuned_w.untyped_storage().data_ptr(), tuned_w.storage_offset(), tuple(tuned_w.shape), tuned_w.device)
+                if storage in storages:
+                    continue
+                storages.add(storage)
                 if name not in base_sd:
                     raise ShiraFormatError(f"{comp}.{name}: in the tuned state dict but not in the base")
                 base_w = base_sd[name]

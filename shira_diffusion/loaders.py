@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,19 @@ from .format import (
 )
 
 AdapterSource = str | os.PathLike | ShiraAdapter | Mapping[str, torch.Tensor]
+
+# module -> the engine that writes into it. Two engines over one module would each restore "their" original and
+# undo the other's writes, so a pipeline built around modules another pipeline already serves joins its engine.
+_ENGINES: weakref.WeakKeyDictionary[nn.Module, ScatterEngine] = weakref.WeakKeyDictionary()
+
+
+def _shared_engine(modules: Mapping[str, nn.Module]) -> ScatterEngine:
+    """The engine serving any of `modules` if it names none of them differently, else a new one."""
+    for module in modules.values():
+        engine = _ENGINES.get(module)
+        if engine is not None and all(engine.components.get(name, module) is module for name, module in modules.items()):
+            return engine
+    return ScatterEngine(modules)
 
 
 def _from_file(path: Path, component: str | None, shapes_of) -> ShiraAdapter:
@@ -167,25 +181,26 @@ class ShiraLoaderMixin:
 
     # ---- engine ----------------------------------------------------------------------------------
     def _shira_modules(self) -> dict[str, nn.Module]:
-        return {name: module for name, module in self.components.items() if isinstance(module, nn.Module)}
+        # A torch.compile wrapper (`pipe.unet = torch.compile(pipe.unet)`) writes through to the module it wraps.
+        return {name: getattr(module, "_orig_mod", module) for name, module in self.components.items() if isinstance(module, nn.Module)}
 
     @property
     def shira_engine(self) -> ScatterEngine:
-        """The engine holding this pipeline's adapters (shared with pipelines made by `from_pipe`)."""
-        engine = self.__dict__.get("_shira_engine")
+        """The engine holding this pipeline's adapters: one per set of modules, so pipelines sharing them (diffusers'
+        `from_pipe`, AutoPipeline*) share the loaded adapters."""
         modules = self._shira_modules()
-        if engine is None:
-            engine = ScatterEngine(modules)
-            self.__dict__["_shira_engine"] = engine
-            return engine
+        engine = self.__dict__.get("_shira_engine") or _shared_engine(modules)
         for key in engine.targets:
             component = key.partition(".")[0]
-            if modules.get(component) is not engine.components[component]:
+            if component in modules and modules[component] is not engine.components[component]:
                 raise ShiraLoadError(
                     f"pipeline component {component!r} was replaced while SHiRA adapters were loaded into it; "
                     "unload them before swapping components"
                 )
-        engine.components = modules
+        engine.components.update(modules)
+        for module in modules.values():
+            _ENGINES[module] = engine
+        self.__dict__["_shira_engine"] = engine
         return engine
 
     def _shira_shapes(self, component: str) -> dict[str, tuple[int, ...]]:
@@ -342,15 +357,6 @@ class ShiraLoaderMixin:
         return folder
 
     # ---- diffusers integration -------------------------------------------------------------------
-    @classmethod
-    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs: Any):
-        """diffusers' `from_pipe`; the new pipeline shares the loaded adapters when it shares the modules."""
-        new = super().from_pipe(pipeline, **kwargs)
-        engine = pipeline.__dict__.get("_shira_engine")
-        if engine is not None and all(new.components.get(c) is m for c, m in engine.components.items()):
-            new.__dict__["_shira_engine"] = engine
-        return new
-
     def to_json_string(self) -> str:
         # model_index.json must name the diffusers class, so plain diffusers can load what we save.
         config = json.loads(super().to_json_string())

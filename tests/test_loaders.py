@@ -354,6 +354,82 @@ def test_from_pipe_shares_adapters_and_attach_and_save_pretrained(sd, tmp_path):
     assert (tmp_path / "pipe" / "model_index.json").read_text().count('"StableDiffusionPipeline"') == 1
 
 
+def test_pipelines_sharing_modules_share_one_engine(sd):
+    # diffusers' own from_pipe (AutoPipeline*, plain classes) + add_shira_support: one engine for the shared
+    # modules, or each pipeline would restore "its" original over the other's writes.
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    before = snapshot(sd)
+    sd.load_shira_weights(random_adapter(sd, 1), adapter_name="a")
+    img2img = add_shira_support(StableDiffusionImg2ImgPipeline.from_pipe(sd))
+    assert img2img.get_shira_adapters().keys() == {"a"}
+    img2img.load_shira_weights(random_adapter(sd, 2), adapter_name="b")
+    assert sd.get_active_shira_adapters() == ["a", "b"]
+    sd.unload_shira_weights()
+    assert img2img.get_shira_adapters() == {}
+    assert_unchanged(img2img, before)
+
+
+def test_component_wrapped_by_torch_compile_after_loading_keeps_working(sd):
+    before = snapshot(sd)
+    unet = sd.unet
+    sd.load_shira_weights(random_adapter(sd, 1, components=("unet",)), adapter_name="a")
+    written = {name: p.detach().clone() for name, p in unet.named_parameters()}
+    try:
+        sd.unet = torch.compile(unet, backend="eager")  # diffusers' documented pattern; compiles on first call
+        sd.set_shira_adapters("a", 0.5)
+        sd.set_shira_adapters("a", 1.0)
+        assert all(torch.equal(p, written[name]) for name, p in unet.named_parameters())
+        sd.unload_shira_weights()
+    finally:
+        sd.unet = unet
+    assert_unchanged(sd, before)
+
+
+def test_tied_weights_are_one_target_whatever_name_an_adapter_uses():
+    pipe = tiny_pipeline("flux")
+    t5 = pipe.text_encoder_2  # T5: shared.weight is encoder.embed_tokens.weight
+    assert t5.shared.weight is t5.encoder.embed_tokens.weight
+    before = snapshot(pipe)
+    shape, positions = tuple(t5.shared.weight.shape), torch.tensor([0, 1, 2, 3])
+    original = t5.shared.weight.detach().view(-1)[:4].clone()
+    by_first = ShiraAdapter({"text_encoder_2": {"shared.weight": SparseDelta(shape, positions, torch.ones(4))}})
+    by_alias = ShiraAdapter({"text_encoder_2": {"encoder.embed_tokens.weight": SparseDelta(shape, positions, torch.full((4,), 10.0))}})
+    pipe.load_shira_weights(by_first, adapter_name="a")
+    pipe.load_shira_weights(by_alias, adapter_name="b")
+    assert torch.equal(t5.shared.weight.detach().view(-1)[:4], original + 11)
+    pipe.set_shira_adapters(["a", "b"], [0.0, 0.0])
+    assert torch.equal(t5.shared.weight.detach().view(-1)[:4], original)
+    pipe.unload_shira_weights(["b", "a"])
+    assert_unchanged(pipe, before)
+
+    both = ShiraAdapter({"text_encoder_2": {**by_first.deltas["text_encoder_2"], **by_alias.deltas["text_encoder_2"]}})
+    with pytest.raises(ShiraLoadError, match="are the same \\(tied\\) weight"):
+        pipe.load_shira_weights(both)
+    assert_unchanged(pipe, before)
+    base = {name: tensor.clone() for name, tensor in t5.state_dict().items()}
+    with torch.no_grad():
+        t5.shared.weight.view(-1)[:4] += 0.5  # a fine-tune; state_dict() lists the tied tensor under both names
+    tuned = ShiraAdapter.from_state_dicts(base, t5.state_dict(), component="text_encoder_2")
+    assert [name for _, name, _ in tuned.items()] == ["shared.weight"]
+
+
+def test_text_encoder_weights_are_found_with_or_without_the_text_model_prefix():
+    # transformers 5 dropped `text_model.` from CLIPTextModel's names; CLIPTextModelWithProjection keeps it.
+    pipe = tiny_pipeline("sdxl")
+    before = snapshot(pipe)
+    plain = random_adapter(pipe, 0, ("text_encoder", "text_encoder_2"))
+    respelled = ShiraAdapter({c: {(n.removeprefix("text_model.") if n.startswith("text_model.") else f"text_model.{n}"): d
+                                  for n, d in tensors.items()} for c, tensors in plain.deltas.items()})
+    pipe.load_shira_weights(plain, adapter_name="plain")
+    written = snapshot(pipe)
+    pipe.unload_shira_weights()
+    pipe.load_shira_weights(respelled, adapter_name="respelled")
+    assert_unchanged(pipe, written)
+    pipe.unload_shira_weights()
+    assert_unchanged(pipe, before)
+
+
 def test_compiled_unet_is_not_recompiled_by_switching(sd):
     # Writes are in place on the same storage: a compiled graph sees new values, with no guard failing.
     unet = sd.unet
