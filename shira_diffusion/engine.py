@@ -245,6 +245,7 @@ class ScatterEngine:
         with self.lock:
             names = self.check_names(weights)
             strengths = {name: self.check_strength(name, weights[name]) for name in names}  # all checked before any write
+            self._check_layout(self._keys_of(set(self.active) | set(names)))
             before = set(self.active)
             self.alphas.update(strengths)
             self.active = names
@@ -256,6 +257,7 @@ class ScatterEngine:
             names = self.check_names(names)
             gone = set(names)
             keys = self._keys_of(gone)
+            self._check_layout(keys)
             for key in keys:
                 self._bring_to(key, self.targets[key].parameter)
             self._restore([self.targets[key] for key in keys])
@@ -277,10 +279,19 @@ class ScatterEngine:
     def set_enabled(self, enabled: bool) -> None:
         """Disable: every touched weight shows its original values; enable: the active set again."""
         with self.lock:
+            self._check_layout(list(self.targets))
             self.enabled = enabled
             self._write(list(self.targets))
 
     # ---- internals -------------------------------------------------------------------------------
+    def _check_layout(self, keys: list[str]) -> None:
+        # Flat positions index row-major storage; a layout change after loading (channels_last) is caught here,
+        # before any write, so the adapter can still be unloaded once the layout is changed back.
+        for key in keys:
+            if not self.targets[key].parameter.is_contiguous():
+                raise ShiraLoadError(f"{key}: weight is no longer contiguous (changed to channels_last after loading?); "
+                                     "convert it back with .to(memory_format=torch.contiguous_format) before changing SHiRA adapters")
+
     def _keys_of(self, names: set[str]) -> list[str]:
         return [key for key, target in self.targets.items() if names & target.entries.keys()]
 

@@ -386,6 +386,22 @@ def test_component_wrapped_by_torch_compile_after_loading_keeps_working(sd):
     assert_unchanged(sd, before)
 
 
+def test_layout_change_after_loading_is_refused_before_any_write(sd):
+    before = snapshot(sd)
+    sd.load_shira_weights(random_adapter(sd, 1, components=("unet",), suffixes=("conv1.weight",)), adapter_name="a")
+    written = snapshot(sd)
+    sd.unet.to(memory_format=torch.channels_last)
+    try:
+        for action in (lambda: sd.set_shira_adapters("a", 0.5), sd.disable_shira, sd.unload_shira_weights):
+            with pytest.raises(ShiraLoadError, match=r"no longer contiguous .*torch\.contiguous_format"):
+                action()
+    finally:
+        sd.unet.to(memory_format=torch.contiguous_format)
+    assert_unchanged(sd, written)
+    sd.unload_shira_weights()
+    assert_unchanged(sd, before)
+
+
 def test_tied_weights_are_one_target_whatever_name_an_adapter_uses():
     pipe = tiny_pipeline("flux")
     t5 = pipe.text_encoder_2  # T5: shared.weight is encoder.embed_tokens.weight
