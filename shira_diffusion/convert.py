@@ -15,6 +15,7 @@ Usage:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -84,15 +85,24 @@ def _lora_layers(path: str | Path, pipeline: str) -> dict[str, dict[str, tuple[t
         raise ShiraFormatError(f"{path}: refusing to load a pickle file; convert it to .safetensors first")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such LoRA file")
-    loader = getattr(diffusers, pipeline)
+    loader = getattr(diffusers, pipeline, None)
+    if not hasattr(loader, "lora_state_dict"):
+        raise ValueError(f"pipeline {pipeline!r} is not a diffusers pipeline class with LoRA loading (e.g. StableDiffusionXLPipeline, FluxPipeline)")
+    # Loaders differ: SD/SDXL always return alphas with the metadata, Flux on request, SD3 has none.
+    wants_alphas = "return_alphas" in inspect.signature(loader.lora_state_dict).parameters
     try:
-        state_dict, alphas, metadata = loader.lora_state_dict(str(path), return_lora_metadata=True)
+        loaded = loader.lora_state_dict(str(path), return_lora_metadata=True, **({"return_alphas": True} if wants_alphas else {}))
     except (SafetensorError, OSError) as error:
         raise ShiraFormatError(f"{path}: not a readable safetensors file: {error}") from None
     except ValueError as error:
         raise ShiraFormatError(f"{path}: not a LoRA file diffusers can read ({error})") from None
+    state_dict, alphas, metadata = loaded if len(loaded) == 3 else (loaded[0], None, loaded[1])
     if not any("lora" in key for key in state_dict):
         raise ShiraFormatError(f"{path}: no LoRA keys (expected ...lora_A/lora_B, lora.down/up or lora_down/up)")
+    dora = next((key for key in state_dict if "lora_magnitude_vector" in key or "dora_scale" in key), None)
+    if dora is not None:
+        raise ShiraFormatError(f"{path}: a DoRA file ({dora!r}): its update depends on the base weights, which conversion "
+                               "does not read; load it with diffusers' load_lora_weights instead")
     layers: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
     for component in sorted({key.split(".", 1)[0] for key in state_dict}):
         part = {k.removeprefix(f"{component}."): v for k, v in state_dict.items() if k.startswith(f"{component}.")}

@@ -91,6 +91,44 @@ def test_budgets_errors_and_cli(lora, tmp_path, capsys):
         assert re.search(message, capsys.readouterr().err), message
 
 
+@pytest.mark.parametrize("kind, pipeline, components", [("sdxl", "StableDiffusionXLPipeline", ("unet", "text_encoder_2")),
+                                                         ("flux", "FluxPipeline", ("transformer",))])
+def test_other_pipelines_convert_to_what_fuse_lora_gives(tmp_path, kind, pipeline, components):
+    # SDXL: text_encoder_2 is a CLIPTextModelWithProjection (its weights keep `text_model.`); Flux: its own loader,
+    # which returns alphas only on request.
+    import diffusers
+
+    pipe = tiny_pipeline(kind)
+    torch.manual_seed(0)
+    config = dict(r=2, lora_alpha=4, init_lora_weights=False)
+    layers = {}
+    for component in components:
+        module = getattr(pipe, component)
+        module.add_adapter(LoraConfig(target_modules=["q_proj"] if "text" in component else ["to_q", "to_k"], **config))
+        layers[f"{component}_lora_layers"] = get_peft_model_state_dict(module)
+    getattr(diffusers, pipeline).save_lora_weights(tmp_path, **layers)
+    fused = tiny_pipeline(kind)
+    fused.load_lora_weights(str(tmp_path))
+    fused.fuse_lora()
+    adapter, report = lora_to_shira(tmp_path / "pytorch_lora_weights.safetensors", density=1.0, pipeline=pipeline)
+    ours = tiny_pipeline(kind)
+    ours.load_shira_weights(adapter)
+    assert report.overall == 0.0 and len(adapter.components) == len(layers)
+    for component in adapter.components:
+        for name, parameter in getattr(ours, component).named_parameters():
+            assert torch.equal(parameter, getattr(fused, component).get_parameter(name)), f"{component}.{name}"
+
+
+def test_dora_and_unknown_pipelines_are_refused(tmp_path):
+    pipe = tiny_pipeline("sd")
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q"], use_dora=True, init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    with pytest.raises(ValueError, match="a DoRA file .*lora_magnitude_vector.* depends on the base weights"):
+        lora_to_shira(tmp_path / "pytorch_lora_weights.safetensors", density=1.0)
+    with pytest.raises(ValueError, match="'NoSuchPipeline' is not a diffusers pipeline class with LoRA loading"):
+        lora_to_shira(tmp_path / "pytorch_lora_weights.safetensors", density=1.0, pipeline="NoSuchPipeline")
+
+
 def test_extraction_recovers_a_sparse_fine_tune_exactly(tmp_path):
     base = tiny_pipeline("sd")
     planted = random_adapter(base, 0, components=("unet", "text_encoder"), density=0.03)
