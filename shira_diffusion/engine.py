@@ -186,6 +186,9 @@ class ScatterEngine:
                 continue
             module = self.components[component]
             for prefix in scale:
+                if not isinstance(prefix, str) or not prefix:
+                    raise ShiraLoadError(f"adapter {name!r}: module prefix {prefix!r} for {component!r} is not a module "
+                                         f"name (for the whole component, give {{{component!r}: weight}})")
                 try:
                     module.get_submodule(prefix)
                 except AttributeError:

@@ -14,6 +14,7 @@ Usage:
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import weakref
@@ -93,7 +94,13 @@ def _from_hub(repo_id: str, weight_name: str | None, subfolder: str | None, comp
 
     try:
         try:
-            return _from_file(download(weight_name or SHIRA_WEIGHT_NAME), component, shapes_of)
+            path = download(weight_name or SHIRA_WEIGHT_NAME)
+            if path.name == PEFT_WEIGHT_NAME:  # named explicitly: its config (beside it) says whether it is PEFT's SHiRA
+                try:
+                    download(PEFT_CONFIG_NAME)
+                except EntryNotFoundError:
+                    pass
+            return _from_file(path, component, shapes_of)
         except EntryNotFoundError:
             if weight_name is not None:
                 raise
@@ -107,6 +114,13 @@ def _from_hub(repo_id: str, weight_name: str | None, subfolder: str | None, comp
             f"{repo_id!r} is not a local file or folder, and fetching {weight_name or SHIRA_WEIGHT_NAME!r} from the Hub "
             f"failed ({type(error).__name__}: {error})"
         ) from None
+
+
+def _hub_kwargs() -> set[str]:
+    """What load_shira_weights passes on to huggingface_hub's hf_hub_download (as the installed version names it)."""
+    from huggingface_hub import hf_hub_download
+
+    return set(inspect.signature(hf_hub_download).parameters) - {"repo_id", "filename", "subfolder", "local_dir", "dry_run"}
 
 
 def _looks_like_repo_id(text: str) -> bool:
@@ -217,6 +231,10 @@ class ShiraLoaderMixin:
             return _from_tensors(src, lambda c, n: tuple(engine.resolve_parameter(c, n).shape))
         if not isinstance(src, (str, os.PathLike)):
             raise TypeError(f"cannot load a SHiRA adapter from a {type(src).__name__}")
+        unknown = sorted(set(hub_kwargs) - _hub_kwargs())
+        if unknown:  # a misspelled argument must not be ignored (it is never used for local files)
+            raise TypeError(f"load_shira_weights() got an unexpected keyword argument {unknown[0]!r} "
+                            f"(Hub arguments: {', '.join(sorted(_hub_kwargs()))})")
         path = Path(src)
         if subfolder:
             path = path / subfolder
@@ -225,7 +243,7 @@ class ShiraLoaderMixin:
         if path.is_dir():
             return _from_dir(path, weight_name, component, self._shira_shapes)
         if not _looks_like_repo_id(str(src)):
-            raise FileNotFoundError(f"{src}: no such adapter file or folder")
+            raise FileNotFoundError(f"{path}: no such adapter file or folder")
         return _from_hub(str(src), weight_name, subfolder, component, self._shira_shapes, hub_kwargs)
 
     # ---- public verbs ----------------------------------------------------------------------------
@@ -280,6 +298,8 @@ class ShiraLoaderMixin:
         """
         engine = self.shira_engine
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if len(set(names)) != len(names):
+            raise ShiraLoadError(f"adapter names repeat: {names}")
         if weights is None:
             engine.check_names(names)
             values = [engine.alphas[n] for n in names]

@@ -386,6 +386,23 @@ def test_component_wrapped_by_torch_compile_after_loading_keeps_working(sd):
     assert_unchanged(sd, before)
 
 
+def test_misspelled_arguments_repeated_names_and_empty_prefixes_are_refused(sd, tmp_path):
+    before = snapshot(sd)
+    path = random_adapter(sd, 1).save(tmp_path / "a.safetensors")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'adapter_nmae'"):
+        sd.load_shira_weights(path, adapter_nmae="a")
+    with pytest.raises(FileNotFoundError, match="sub: no such adapter file or folder"):
+        sd.load_shira_weights(tmp_path, subfolder="sub")
+    sd.load_shira_weights(path, adapter_name="a")
+    with pytest.raises(ShiraLoadError, match=r"adapter names repeat: \['a', 'a'\]"):
+        sd.set_shira_adapters(["a", "a"], [0.5, 0.9])
+    with pytest.raises(ShiraLoadError, match="module prefix '' for 'unet' is not a module name"):
+        sd.set_shira_adapters("a", {"unet": {"": 0.0}})
+    assert sd.get_shira_adapters()["a"]["alpha"] == 1.0
+    sd.unload_shira_weights()
+    assert_unchanged(sd, before)
+
+
 def test_layout_change_after_loading_is_refused_before_any_write(sd):
     before = snapshot(sd)
     sd.load_shira_weights(random_adapter(sd, 1, components=("unet",), suffixes=("conv1.weight",)), adapter_name="a")

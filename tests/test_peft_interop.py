@@ -129,3 +129,29 @@ def test_from_peft_without_shapes_infers_them_or_says_why(pipe, tmp_path):
     (tmp_path / "wrong" / "adapter_model.safetensors").write_bytes((directory / "adapter_model.safetensors").read_bytes())
     with pytest.raises(ShiraFormatError, match="peft_type is 'LORA', expected 'SHIRA'"):
         ShiraAdapter.from_peft(tmp_path / "wrong", "unet")
+
+
+def test_peft_repo_on_the_hub_loads_with_weight_name_on_a_cold_cache(pipe, tmp_path, monkeypatch):
+    # A fake Hub that serves only what is asked for: naming adapter_model.safetensors must fetch its config too.
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    remote = save_peft_adapter(pipe.unet, tmp_path / "remote", seed=1)
+    cache, asked = tmp_path / "cache", []
+
+    def hf_hub_download(repo_id, filename, subfolder=None, **kwargs):
+        asked.append(filename)
+        if not (remote / filename).is_file():
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        cache.mkdir(exist_ok=True)
+        (cache / filename).write_bytes((remote / filename).read_bytes())
+        return str(cache / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    before = snapshot(pipe)
+    expected = ShiraAdapter.from_peft(remote, "unet", shapes={n: p.shape for n, p in pipe.unet.named_parameters()})
+    pipe.load_shira_weights("someone/peft-shira", weight_name="adapter_model.safetensors", adapter_name="peft")
+    assert asked == ["adapter_model.safetensors", "adapter_config.json"]
+    assert pipe.get_shira_adapters()["peft"]["parameters"] == expected.num_parameters
+    pipe.unload_shira_weights()
+    assert_unchanged(pipe, before)
