@@ -83,7 +83,9 @@ class _Target:
     parameter: nn.Parameter
     positions: torch.Tensor  # int64, sorted union over loaded adapters
     backup: torch.Tensor  # original values at `positions`, in the weight's dtype
+    written: torch.Tensor  # what the weight held there after our last write (a change means someone else wrote)
     entries: dict[str, _Entry] = field(default_factory=dict)
+
 
 
 class ScatterEngine:
@@ -226,11 +228,11 @@ class ScatterEngine:
                     joined.append((key, target, entry))
             with torch.no_grad():
                 if activate and self.enabled and uniform:  # W0 + alpha*S written while the backup is read: one pass
-                    backups = kernels.gather_add_scatter([(p.data, e.positions, e.deltas) for _, p, e in fresh], strength)
+                    backups, writtens = kernels.gather_add_scatter([(p.data, e.positions, e.deltas) for _, p, e in fresh], strength)
                 else:
-                    backups = kernels.gather([(p.data, e.positions) for _, p, e in fresh])
-            for (key, parameter, entry), backup in zip(fresh, backups):
-                self.targets[key] = _Target(parameter, entry.positions, backup, {name: entry})
+                    backups = writtens = kernels.gather([(p.data, e.positions) for _, p, e in fresh])
+            for (key, parameter, entry), backup, written in zip(fresh, backups, writtens):
+                self.targets[key] = _Target(parameter, entry.positions, backup, written, {name: entry})
             self._grow([(target, entry.positions) for _, target, entry in joined])
             for _, target, entry in joined:
                 target.entries[name] = entry
@@ -261,23 +263,21 @@ class ScatterEngine:
             gone = set(names)
             keys = self._keys_of(gone)
             self._check_layout(keys)
+            for name in gone:
+                del self.alphas[name], self.adapters[name]
+            self.active = [n for n in self.active if n not in gone]
             for key in keys:
-                self._bring_to(key, self.targets[key].parameter)
-            self._restore([self.targets[key] for key in keys])
+                for name in gone:
+                    self.targets[key].entries.pop(name, None)
+            self._write(keys)  # the originals where only the removed adapters wrote, the others' sum elsewhere
             for key in keys:
                 target = self.targets[key]
-                for name in gone:
-                    target.entries.pop(name, None)
                 if not target.entries:
                     del self.targets[key]  # releases the backup memory
                     continue
                 keep = torch.isin(target.positions, torch.cat([e.positions for e in target.entries.values()]))
-                target.positions, target.backup = target.positions[keep], target.backup[keep]
+                target.positions, target.backup, target.written = target.positions[keep], target.backup[keep], target.written[keep]
                 self._reslot(target)
-            for name in gone:
-                del self.alphas[name], self.adapters[name]
-            self.active = [n for n in self.active if n not in gone]
-            self._write([k for k in keys if k in self.targets])
 
     def set_enabled(self, enabled: bool) -> None:
         """Disable: every touched weight shows its original values; enable: the active set again."""
@@ -307,6 +307,7 @@ class ScatterEngine:
             return
         target.positions = target.positions.to(weight.device)
         target.backup = target.backup.to(device=weight.device, dtype=weight.dtype)
+        target.written = target.written.to(device=weight.device, dtype=weight.dtype)  # as the weight itself was cast
         for entry in target.entries.values():
             entry.positions, entry.deltas = entry.positions.to(weight.device), entry.deltas.to(weight.device)
             entry.slots = None if entry.slots is None else entry.slots.to(weight.device)
@@ -320,10 +321,12 @@ class ScatterEngine:
             unions.append(torch.cat([target.positions, new]).sort().values if new.numel() else None)
         jobs = [(target, union) for (target, _), union in zip(growing, unions) if union is not None]
         with torch.no_grad():
-            backups = kernels.gather([(target.parameter.data, union) for target, union in jobs])
-        for (target, union), backup in zip(jobs, backups):
-            backup[torch.searchsorted(union, target.positions)] = target.backup
-            target.positions, target.backup = union, backup
+            currents = kernels.gather([(target.parameter.data, union) for target, union in jobs])
+        for (target, union), current in zip(jobs, currents):
+            slots = torch.searchsorted(union, target.positions)
+            backup, written = current.clone(), current
+            backup[slots], written[slots] = target.backup, target.written
+            target.positions, target.backup, target.written = union, backup, written
 
     @staticmethod
     def _reslot(target: _Target) -> None:
@@ -332,24 +335,38 @@ class ScatterEngine:
             same = entry.positions.numel() == target.positions.numel()
             entry.slots = None if same else torch.searchsorted(target.positions, entry.positions)
 
-    @staticmethod
-    def _restore(targets: list[_Target]) -> None:
-        with torch.no_grad():
-            kernels.scatter([(target.parameter.data, target.positions, target.backup) for target in targets])
+    def _values(self, key: str, target: _Target) -> torch.Tensor:
+        """What the weight should hold at the target's positions: W0 + sum of the active adapters' alpha * S."""
+        active = [(name, self.alphas[name]) for name in self.active] if self.enabled else []
+        entries = [(target.entries[name], _alpha(strength, key)) for name, strength in active if name in target.entries]
+        if not entries:
+            return target.backup
+        values = target.backup.to(torch.float32, copy=True)  # never accumulate into the backup
+        for entry, alpha in entries:
+            kernels.add_scaled(values, entry.deltas, alpha, entry.slots)
+        return values.to(target.parameter.dtype)
 
     def _write(self, keys: Iterable[str]) -> None:
-        active = [(name, self.alphas[name]) for name in self.active] if self.enabled else []
-        jobs = []
-        for key in keys:
-            target = self.targets[key]
+        """Write `_values` into these targets. Where a weight no longer holds what we last wrote there, something else
+        wrote it in between (diffusers' fuse_lora / unfuse_lora, a user's edit): that change moves into the backup,
+        as a change of the base, and the target is written again, so it is neither lost now nor left behind on unload."""
+        keys = list(keys)
+        targets = [self.targets[key] for key in keys]
+        for key, target in zip(keys, targets):
             self._bring_to(key, target.parameter)
-            entries = [(target.entries[name], _alpha(strength, key)) for name, strength in active if name in target.entries]
-            if not entries:
-                jobs.append((target.parameter.data, target.positions, target.backup))
-                continue
-            values = target.backup.to(torch.float32, copy=True)  # never accumulate into the backup
-            for entry, alpha in entries:
-                kernels.add_scaled(values, entry.deltas, alpha, entry.slots)
-            jobs.append((target.parameter.data, target.positions, values.to(target.parameter.dtype)))
+        values = [self._values(key, target) for key, target in zip(keys, targets)]
         with torch.no_grad():
-            kernels.scatter(jobs)
+            olds, changed = kernels.exchange([(t.parameter.data, t.positions, v, t.written) for t, v in zip(targets, values)])
+        moved = [i for i, flag in enumerate(changed) if flag]
+        for i in moved:
+            target, old = targets[i], olds[i]
+            differs = kernels.as_bits(old) != kernels.as_bits(target.written)
+            wide = torch.promote_types(old.dtype, torch.float64)  # one rounding: the cast back
+            rebased = (target.backup.to(wide) + (old.to(wide) - target.written.to(wide))).to(old.dtype)
+            target.backup = torch.where(differs, rebased, target.backup)
+            values[i] = self._values(keys[i], target)
+        if moved:
+            with torch.no_grad():
+                kernels.scatter([(targets[i].parameter.data, targets[i].positions, values[i]) for i in moved])
+        for target, written in zip(targets, values):
+            target.written = written

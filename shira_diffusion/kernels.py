@@ -13,8 +13,8 @@ Both paths compute the same bits: a write is `fp32(W0) + fp32(alpha) * delta` wi
 before the sum (no fused multiply-add), cast once to the weight's dtype.
 
 Usage:
-    backups = gather_add_scatter([(weight, positions, deltas_fp32)], alpha)   # W[p] = W0[p] + alpha * d
-    scatter([(weight, positions, backups[0])])                                # exact restore
+    backups, written = gather_add_scatter([(weight, positions, deltas_fp32)], alpha)   # W[p] = W0[p] + alpha * d
+    scatter([(weight, positions, backups[0])])                                          # exact restore
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ except ImportError:  # pragma: no cover - exercised only on installs without num
 if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 _LOCK = threading.Lock()
-# Half types travel as their 16 raw bits (numba has no float16); gather and scatter only copy bits.
-_BITS = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.int16, torch.bfloat16: np.int16}
+# Gather, scatter and exchange only copy (and compare) bits: every float type travels as the integer of its width
+# (numba has no float16, and comparing bits tells a changed NaN or -0 apart).
+_BITS = {torch.float32: np.int32, torch.float64: np.int64, torch.float16: np.int16, torch.bfloat16: np.int16}
 # Exponent bits that are all ones exactly for inf / NaN, by delta dtype (checked on the raw bits).
 _NONFINITE = {torch.float16: (np.int16, 0x7C00), torch.bfloat16: (np.int16, 0x7F80),
               torch.float32: (np.int32, 0x7F800000), torch.float64: (np.int64, 0x7FF0000000000000)}
@@ -92,18 +93,41 @@ if numba is not None:
                     buffer[i] = weight[index[i]]
 
     @_compiled(parallel=True, nogil=True)
-    def _gather_add_scatter(weights, positions, deltas, backups, sizes, chunks, alpha, wlike, ilike):
+    def _exchange(weights, positions, buffers, expecteds, olds, sizes, chunks, changed, wlike, ilike):
+        # The scatter, keeping what was there (read from the line the write brings in anyway) and flagging pieces
+        # where that differs from what the caller expected there (bits compared: the types are integers).
+        for c in numba.prange(chunks.shape[0]):
+            job, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            weight = _view(weights[job], sizes[job, 1], wlike)
+            index = _view(positions[job], sizes[job, 0], ilike)[start:stop]
+            buffer = _view(buffers[job], sizes[job, 0], wlike)[start:stop]
+            expected = _view(expecteds[job], sizes[job, 0], wlike)[start:stop]
+            old = _view(olds[job], sizes[job, 0], wlike)[start:stop]
+            differs = False
+            for i in range(stop - start):
+                at = index[i]
+                value = weight[at]
+                old[i] = value
+                differs |= value != expected[i]
+                weight[at] = buffer[i]
+            changed[c] = differs
+
+    @_compiled(parallel=True, nogil=True)
+    def _gather_add_scatter(weights, positions, deltas, backups, writtens, sizes, chunks, alpha, wlike, ilike):
         for c in numba.prange(chunks.shape[0]):
             job, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
             weight = _view(weights[job], sizes[job, 1], wlike)
             index = _view(positions[job], sizes[job, 0], ilike)[start:stop]
             delta = _view(deltas[job], sizes[job, 0], wlike)[start:stop]
             backup = _view(backups[job], sizes[job, 0], wlike)[start:stop]
+            written = _view(writtens[job], sizes[job, 0], wlike)[start:stop]
             for i in range(stop - start):
                 at = index[i]
                 old = weight[at]
                 backup[i] = old
-                weight[at] = old + alpha * delta[i]  # no fastmath: product rounded, then sum, as in torch
+                new = old + alpha * delta[i]  # no fastmath: product rounded, then sum, as in torch
+                weight[at] = new
+                written[i] = new
 
     @_compiled(parallel=True, nogil=True)
     def _add_scatter(weights, positions, bases, values, sizes, chunks, wlike, ilike):
@@ -227,31 +251,65 @@ def scatter(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> 
                   _like(_INDEX[index_dtype]))
 
 
-def gather_add_scatter(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], alpha: float) -> list[torch.Tensor]:
-    """For each (weight, sorted positions, fp32 deltas): write `W0 + alpha * deltas` there, return W0 (the backups).
+def as_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The float tensor's bits as integers of its width (to compare values bit for bit: NaN-safe, -0 != +0)."""
+    return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
+def exchange(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[list[torch.Tensor], list[bool]]:
+    """For each (weight, sorted positions, values, expected), values and expected in the weight's dtype: scatter the
+    values; return what each weight held there before and whether that differed (in any bit) from `expected`."""
+    flats = [(weight.view(-1), positions, values.contiguous(), expected.contiguous()) for weight, positions, values, expected in jobs]
+    olds: list[torch.Tensor | None] = [None] * len(flats)
+    changed = [False] * len(flats)
+    groups, rest = _split(flats, lambda w, p, v, e: v.dtype == e.dtype == w.dtype and v.numel() == e.numel() == p.numel())
+    for i in rest:
+        weight, positions, values, expected = flats[i]
+        olds[i] = weight.index_select(0, positions)
+        changed[i] = not torch.equal(as_bits(olds[i]), as_bits(expected))
+        weight.index_put_((positions,), values)
+    for (dtype, index_dtype), members in groups.items():
+        weights, positions = [flats[i][0] for i in members], [flats[i][1] for i in members]
+        values, expected = [flats[i][2] for i in members], [flats[i][3] for i in members]
+        kept = [torch.empty(p.numel(), dtype=dtype) for p in positions]
+        sizes, chunks = _chunks(weights, positions)
+        flags = np.zeros(len(chunks), dtype=np.bool_)
+        with _launch():
+            _exchange(_addresses(weights), _addresses(positions), _addresses(values), _addresses(expected), _addresses(kept),
+                      sizes, chunks, flags, _like(_BITS[dtype]), _like(_INDEX[index_dtype]))
+        moved = set(chunks[flags, 0].tolist())
+        for j, (i, old) in enumerate(zip(members, kept)):
+            olds[i], changed[i] = old, j in moved
+    return olds, changed
+
+
+def gather_add_scatter(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], alpha: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """For each (weight, sorted positions, fp32 deltas): write `W0 + alpha * deltas` there; return (W0 there: the
+    backups, the values written), both in the weight's dtype.
 
     One pass on CPU fp32 weights; other dtypes and devices: gather, add in fp32, cast once, scatter (same bits).
     """
     flats = [(weight.view(-1), positions, deltas) for weight, positions, deltas in jobs]
     backups: list[torch.Tensor | None] = [None] * len(flats)
+    writtens: list[torch.Tensor | None] = [None] * len(flats)
     groups, rest = _split(flats, lambda w, p, d: w.dtype == d.dtype == torch.float32 and d.numel() == p.numel())
     if rest:
         gathered = gather([flats[i][:2] for i in rest])
-        scatter([(flats[i][0], flats[i][1], add_scaled(backup.to(torch.float32, copy=True), flats[i][2], alpha).to(backup.dtype))
-                 for i, backup in zip(rest, gathered)])
         for i, backup in zip(rest, gathered):
-            backups[i] = backup
+            backups[i], writtens[i] = backup, add_scaled(backup.to(torch.float32, copy=True), flats[i][2], alpha).to(backup.dtype)
+        scatter([(flats[i][0], flats[i][1], writtens[i]) for i in rest])
     for (_, index_dtype), members in groups.items():
         weights, positions = [flats[i][0] for i in members], [flats[i][1] for i in members]
         deltas = [flats[i][2] for i in members]
         results = [torch.empty(p.numel(), dtype=torch.float32) for p in positions]
+        written = [torch.empty(p.numel(), dtype=torch.float32) for p in positions]
         sizes, chunks = _chunks(weights, positions)
         with _launch():
-            _gather_add_scatter(_addresses(weights), _addresses(positions), _addresses(deltas), _addresses(results), sizes, chunks,
-                                np.float32(alpha), _like(np.float32), _like(_INDEX[index_dtype]))
-        for i, result in zip(members, results):
-            backups[i] = result
-    return backups
+            _gather_add_scatter(_addresses(weights), _addresses(positions), _addresses(deltas), _addresses(results), _addresses(written),
+                                sizes, chunks, np.float32(alpha), _like(np.float32), _like(_INDEX[index_dtype]))
+        for i, result, values in zip(members, results, written):
+            backups[i], writtens[i] = result, values
+    return backups, writtens
 
 
 def add_scatter(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:

@@ -35,15 +35,30 @@ def test_gather_add_scatter_writes_w0_plus_alpha_delta_and_restores_exactly(path
     weights, positions, deltas = weights_and_jobs(dtype)
     positions = [p.to(index_dtype) for p in positions]
     originals = [w.clone() for w in weights]
-    backups = kernels.gather_add_scatter(list(zip(weights, positions, deltas)), 0.7)
-    for weight, original, index, delta, backup in zip(weights, originals, positions, deltas, backups):
+    backups, written = kernels.gather_add_scatter(list(zip(weights, positions, deltas)), 0.7)
+    for weight, original, index, delta, backup, values in zip(weights, originals, positions, deltas, backups, written):
         assert torch.equal(backup, original.view(-1)[index])
         expected = original.clone().view(-1)
         expected[index] = (original.view(-1)[index].float() + delta * 0.7).to(dtype)  # product rounded, then the sum
-        assert torch.equal(weight.view(-1), expected)
+        assert torch.equal(weight.view(-1), expected) and torch.equal(values, expected[index])
     assert [torch.equal(g, w.view(-1)[p]) for g, w, p in zip(kernels.gather(list(zip(weights, positions))), weights, positions)] == [True] * 4
-    kernels.scatter(list(zip(weights, positions, backups)))
+    olds, changed = kernels.exchange(list(zip(weights, positions, backups, written)))  # restore, keeping what was there
+    assert all(torch.equal(old, values) for old, values in zip(olds, written)) and changed == [False] * 4
     assert all(torch.equal(w, o) for w, o in zip(weights, originals))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exchange_flags_exactly_the_weights_someone_else_changed(path, dtype):
+    weights, positions, _ = weights_and_jobs(dtype, seed=7)
+    expected = kernels.gather(list(zip(weights, positions)))
+    weights[1].view(-1)[positions[1][-1]] = float("nan")  # after 69 000 positions: the last parallel piece
+    weights[3].view(-1)[positions[3][0]] *= -1
+    current = [w.view(-1)[p].clone() for w, p in zip(weights, positions)]
+    values = [torch.zeros(p.numel(), dtype=dtype) for p in positions]
+    olds, changed = kernels.exchange(list(zip(weights, positions, values, expected)))
+    assert changed == [False, True, False, True]
+    assert all(torch.equal(kernels.as_bits(o), kernels.as_bits(c)) for o, c in zip(olds, current))
+    assert all(torch.equal(w.view(-1)[p], v) for w, p, v in zip(weights, positions, values))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

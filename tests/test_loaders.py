@@ -403,6 +403,45 @@ def test_misspelled_arguments_repeated_names_and_empty_prefixes_are_refused(sd, 
     assert_unchanged(sd, before)
 
 
+def test_diffusers_fuse_lora_between_shira_operations_is_kept(tmp_path):
+    # fuse_lora / unfuse_lora write the same weights in place; the engine sees that its last write was changed,
+    # takes the change into its backup, and neither erases the LoRA at SHiRA positions nor leaves it behind.
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    source = tiny_pipeline("sd")
+    source.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k"], init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(source.unet))
+    shira = random_adapter(tiny_pipeline("sd"), 1, components=("unet",), suffixes=("to_q.weight",), scale=1.0)
+    only_lora = tiny_pipeline("sd")
+    only_lora.load_lora_weights(str(tmp_path), adapter_name="lora")
+    only_lora.fuse_lora()
+    lora_fused = {n: p.detach().clone() for n, p in only_lora.unet.named_parameters()}
+
+    pipe = tiny_pipeline("sd")  # SHiRA loaded, then the LoRA fused over it, then a SHiRA switch and unload
+    pipe.load_shira_weights(shira, adapter_name="s")
+    pipe.load_lora_weights(str(tmp_path), adapter_name="lora")
+    pipe.fuse_lora()
+    pipe.set_shira_adapters("s", 0.5)
+    for _, name, delta in shira.items():
+        lora_only = only_lora.unet.get_parameter(name).detach().view(-1)[delta.positions]  # via PEFT's `weight` property
+        moved = pipe.unet.get_parameter(name).detach().view(-1)[delta.positions] - lora_only
+        assert torch.allclose(moved, 0.5 * delta.deltas, atol=1e-6)  # the LoRA is still there under the style
+    pipe.unload_shira_weights()
+    assert max(float((p - lora_fused[n]).abs().max()) for n, p in pipe.unet.named_parameters()) < 1e-6
+
+    pipe = tiny_pipeline("sd")  # the LoRA fused first, unfused while SHiRA is loaded, then SHiRA unloaded
+    before = snapshot(pipe)
+    pipe.load_lora_weights(str(tmp_path), adapter_name="lora")
+    pipe.fuse_lora()
+    pipe.load_shira_weights(shira, adapter_name="s")
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    pipe.unload_shira_weights()
+    after = snapshot(pipe)
+    assert max(float((after[k] - before[k]).abs().max()) for k in before) < 1e-6  # fuse/unfuse rounding only
+
+
 def test_layout_change_after_loading_is_refused_before_any_write(sd):
     before = snapshot(sd)
     sd.load_shira_weights(random_adapter(sd, 1, components=("unet",), suffixes=("conv1.weight",)), adapter_name="a")
