@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# What decoding a bad file can raise: not an image, truncated data, a decompression bomb.
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class DatasetError(ValueError):
@@ -29,6 +31,24 @@ class DatasetError(ValueError):
 def list_images(folder: Path) -> list[Path]:
     """Image files directly in `folder`, sorted by name."""
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """A file as the 8-bit RGB image a viewer shows: EXIF orientation applied (phone photos are stored
+    sideways with an Orientation tag) and high-bit-depth modes scaled to 8 bits, where PIL's
+    convert("RGB") would clip them (a 16-bit PNG would come out nearly white). Decodes the whole file, so
+    truncated data raises here. Usage: image = open_image("photo.jpg")
+    """
+    with Image.open(path) as handle:
+        image = ImageOps.exif_transpose(handle)
+        image.load()
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grey (Pillow < 10 opens those PNGs as "I")
+        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8))
+    elif image.mode == "F":  # float: [0, 1] as written by most tools, else the 16-bit range
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if np.nanmax(values, initial=0.0) <= 1.0 else 1 / 257.0
+        image = Image.fromarray(np.clip(np.nan_to_num(values) * scale, 0, 255).round().astype(np.uint8))
+    return image.convert("RGB")
 
 
 def read_captions(folder: Path, images: list[Path]) -> dict[str, str]:
@@ -41,9 +61,14 @@ def read_captions(folder: Path, images: list[Path]) -> dict[str, str]:
                 continue
             try:
                 row = json.loads(line)
-                captions[row["file_name"]] = str(row["text"])
+                name, text = row["file_name"], row["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise DatasetError(f"{metadata}:{number}: expected {{\"file_name\": ..., \"text\": ...}}") from None
+            if not isinstance(name, str) or not name:
+                raise DatasetError(f"{metadata}:{number}: \"file_name\" must be a file name, got {json.dumps(name)}")
+            if not isinstance(text, str) or not text.strip():  # null would otherwise train the caption "None"
+                raise DatasetError(f"{metadata}:{number}: \"text\" of {name} must be a non-empty string, got {json.dumps(text)}")
+            captions[name] = text
     for image in images:
         text_file = image.with_suffix(".txt")
         if image.name not in captions and text_file.is_file():
@@ -51,12 +76,14 @@ def read_captions(folder: Path, images: list[Path]) -> dict[str, str]:
     return captions
 
 
-def read_image_folder(folder: str | Path, instance_prompt: str | None = None) -> list[tuple[Path, str]]:
-    """(image path, caption) for every image; raises DatasetError naming what is wrong."""
+def read_image_folder(folder: str | Path, instance_prompt: str | None = None, limit: int | None = None) -> list[tuple[Path, str]]:
+    """(image path, caption) for every image (the first `limit` by name, if given), each decoded once so a
+    truncated or unreadable file is reported now, not at its first batch; raises DatasetError naming what
+    is wrong. Usage: records = read_image_folder("bluefire/", instance_prompt="blue fire style")"""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"{folder}: training data folder does not exist")
-    images = list_images(folder)
+    images = list_images(folder)[:limit]
     if not images:
         raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in the training data folder")
     captions = read_captions(folder, images)
@@ -71,11 +98,10 @@ def read_image_folder(folder: str | Path, instance_prompt: str | None = None) ->
             captions.update({name: instance_prompt for name in missing})
     elif instance_prompt is None:
         raise DatasetError(f"{folder}: no captions (metadata.jsonl or .txt files) and no --instance_prompt")
-    for image in images:
+    for image in images:  # a full decode: verify() does not read JPEG data, so it passes truncated files
         try:
-            with Image.open(image) as handle:
-                handle.verify()
-        except (UnidentifiedImageError, OSError) as error:
+            open_image(image)
+        except IMAGE_ERRORS as error:
             raise DatasetError(f"{image}: unreadable image ({error})") from None
     return [(image, captions.get(image.name, instance_prompt)) for image in images]
 
@@ -100,7 +126,7 @@ class StyleDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         path, caption = self.records[index]
         rng = random.Random(hash((self.seed, self.epoch, index)))
-        image = Image.open(path).convert("RGB")
+        image = open_image(path)
         original_size = (image.height, image.width)  # SDXL micro-conditioning: the size before resizing
         scale = self.resolution / min(image.size)
         width, height = max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale))

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFilter
 
-from .data import DatasetError, list_images, read_captions
+from .data import IMAGE_ERRORS, DatasetError, list_images, open_image, read_captions
 
 OPEN_LICENSES = {"cc0", "cc0-1.0", "public domain", "public-domain", "pd", "cc-pdm", "pdm"}
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
@@ -63,12 +63,10 @@ def check_dataset(folder: str | Path, resolution: int | None = None, require_lic
                 licenses[row.get("file_name")] = row.get("license")
     sizes, seen_hashes = [], {}
     for image in images:
-        try:
-            with Image.open(image) as handle:
-                handle.load()
-                sizes.append(handle.size)
-                width, height = handle.size
-        except (UnidentifiedImageError, OSError) as error:
+        try:  # decoded as the trainer does: EXIF-rotated (upright size), 16-bit scaled to 8
+            width, height = open_image(image).size
+            sizes.append((width, height))
+        except IMAGE_ERRORS as error:
             defects.append(Defect(image.name, f"unreadable image ({type(error).__name__})"))
             continue
         if image.name not in captions:

@@ -336,6 +336,12 @@ class LoraTrainable:
         self.model, self.rank = model, rank
         model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=list(module_names)))
         self._named = [(n, p) for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+        # fp32 master factors on a bf16 / fp16 model (diffusers' cast_training_params, limited to these
+        # parameters): in bf16, AdamW's steps at lr 1e-4 round away, and fp16 gradients cannot be unscaled.
+        # PEFT's layers cast their input to the factors' dtype and the result back.
+        for _, parameter in self._named:
+            if parameter.dtype != torch.float32:
+                parameter.data = parameter.data.float()
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return list(self._named)

@@ -14,6 +14,8 @@ Usage:
 from __future__ import annotations
 
 import math
+import os
+import re
 import resource
 import shutil
 import time
@@ -30,6 +32,11 @@ from .trainables import TEXT_ENCODER_TARGETS, UNET_TARGETS, ConfigError, LoraTra
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 MASK_FILE = "masks.safetensors"
+SECRET_FIELDS = ("hub_token",)  # never logged: not in tracker configs, hparams files or the model card
+PATH_FIELDS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "train_data_dir", "output_dir",
+               "class_data_dir", "logging_dir", "resume_from_checkpoint")
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
 
 
 @dataclass
@@ -56,6 +63,7 @@ class TrainingConfig:
     resolution: int = 512
     center_crop: bool = False
     random_flip: bool = False
+    repeats: int = 1
     train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     max_train_steps: int | None = None
@@ -64,18 +72,21 @@ class TrainingConfig:
     text_encoder_lr: float | None = None
     scale_lr: bool = False
     lr_scheduler: str = "cosine"
+    lr_step_rules: str | None = None
     lr_warmup_steps: int = 0
     lr_num_cycles: int = 1
     lr_power: float = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
+    adam_weight_decay_text_encoder: float | None = None
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     use_8bit_adam: bool = False
     mixed_precision: str | None = None
     allow_tf32: bool = False
     gradient_checkpointing: bool = False
+    enable_xformers_memory_efficient_attention: bool = False
     snr_gamma: float | None = None
     noise_offset: float = 0.0
     seed: int = 0
@@ -104,6 +115,18 @@ class TrainingConfig:
     calibration_batches: int = 4
     rank: int = 64
     lora_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        # pathlib.Path (any os.PathLike) from Python callers: stored as str, which is what the Hub / diffusers
+        # calls, string checks and the adapter's JSON metadata expect.
+        for name in PATH_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
+
+    def loggable(self) -> dict[str, str]:
+        """The settings as strings for trackers and hparams files, without secrets (--hub_token)."""
+        return {k: str(v) for k, v in asdict(self).items() if k not in SECRET_FIELDS}
 
 
 @dataclass
@@ -137,20 +160,40 @@ def validate_config(config: TrainingConfig) -> None:
     if not 0 < config.density <= 1:
         raise ConfigError(f"--density must be in (0, 1], got {config.density}")
     for name in ("shira_r", "rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "calibration_batches",
-                 "sample_batch_size", "lr_num_cycles", "validation_epochs"):
+                 "sample_batch_size", "lr_num_cycles", "validation_epochs", "repeats", "num_class_images", "checkpoints_total_limit",
+                 "num_validation_images", "validation_inference_steps"):
         value = getattr(config, name)
         if value is not None and value <= 0:
             raise ConfigError(f"--{name} must be a positive integer, got {value}")
+    for name in ("lr_warmup_steps", "checkpointing_steps", "validation_steps", "dataloader_num_workers"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {getattr(config, name)}")
+    # `not x > 0` (not `x <= 0`) so that nan is refused too.
+    for name in ("learning_rate", "max_grad_norm", "lr_power", "snr_gamma"):
+        value = getattr(config, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"--{name} must be > 0, got {value}")
+    for name in ("adam_weight_decay", "adam_weight_decay_text_encoder", "adam_epsilon", "noise_offset", "prior_loss_weight"):
+        value = getattr(config, name)
+        if value is not None and not value >= 0:
+            raise ConfigError(f"--{name} must be >= 0, got {value}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(config, name) < 1:
+            raise ConfigError(f"--{name} must be in [0, 1), got {getattr(config, name)}")
     if config.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise ConfigError(f"--mixed_precision must be no, fp16 or bf16, got {config.mixed_precision!r}")
-    if config.text_encoder_lr is not None and (config.text_encoder_lr < 0 or not config.train_text_encoder):
+    if config.text_encoder_lr is not None and (not config.text_encoder_lr >= 0 or not config.train_text_encoder):
         raise ConfigError(f"--text_encoder_lr {config.text_encoder_lr}: needs --train_text_encoder and a rate >= 0")
+    if config.adam_weight_decay_text_encoder is not None and not config.train_text_encoder:
+        raise ConfigError("--adam_weight_decay_text_encoder needs --train_text_encoder")
     if not 0 <= config.lora_dropout < 1:
         raise ConfigError(f"--lora_dropout must be in [0, 1), got {config.lora_dropout}")
     if config.prior_generation_precision not in (None, "no", "fp32", "fp16", "bf16"):
         raise ConfigError(f"--prior_generation_precision must be no, fp32, fp16 or bf16, got {config.prior_generation_precision!r}")
+    _check_scheduler(config)
     if config.hub_token is not None and config.report_to in ("wandb", "all"):  # diffusers' scripts refuse it too
         raise ConfigError("--hub_token with --report_to wandb would expose the token in the run's config; log in with `hf auth login` instead")
+    _check_trackers(config)
     if config.with_prior_preservation and (not config.class_data_dir or not config.class_prompt):
         raise ConfigError("--with_prior_preservation needs --class_data_dir and --class_prompt")
     if config.use_8bit_adam:
@@ -158,13 +201,87 @@ def validate_config(config: TrainingConfig) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ConfigError("--use_8bit_adam needs bitsandbytes (pip install bitsandbytes)") from None
+    if config.enable_xformers_memory_efficient_attention:
+        from diffusers.utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise ConfigError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); "
+                              "without the flag, PyTorch's scaled_dot_product_attention is used")
     if config.max_train_steps is None and config.num_train_epochs < 1:
         raise ConfigError("give --max_train_steps or --num_train_epochs >= 1")
-    for model in filter(None, (config.pretrained_model_name_or_path, config.pretrained_vae_model_name_or_path)):
-        if not Path(model).is_dir() and (model.startswith(("/", "./", "../", "~")) or Path(model).exists()):
-            raise FileNotFoundError(f"{model}: no such model folder (give a diffusers model folder or a Hub id)")
+    output_dir = Path(config.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"--output_dir {output_dir}: exists and is not a folder")
+    existing = next((parent for parent in output_dir.absolute().parents if parent.exists()), None)
+    if existing is not None and not existing.is_dir():  # mkdir would fail only after the models load
+        raise ConfigError(f"--output_dir {output_dir}: {existing} is a file, not a folder")
+    index = _check_model(config.pretrained_model_name_or_path, "model_index.json", config.revision, "--pretrained_model_name_or_path")
+    if "unet" not in index:
+        raise ConfigError(f"{config.pretrained_model_name_or_path}: {index.get('_class_name')} has no UNet; the trainer supports SD 1.x/2.x and SDXL")
+    if config.pretrained_vae_model_name_or_path:
+        _check_model(config.pretrained_vae_model_name_or_path, "config.json", config.revision, "--pretrained_vae_model_name_or_path")
     if config.resume_from_checkpoint and config.resume_from_checkpoint != "latest":
-        _find_checkpoint(Path(config.output_dir), config.resume_from_checkpoint)
+        _find_checkpoint(output_dir, config.resume_from_checkpoint)
+
+
+def _check_model(model: str, config_name: str, revision: str | None, flag: str) -> dict:
+    """The model's config (model_index.json for a pipeline, config.json for a VAE), from a local folder or the
+    Hub, before any weights load; a clear error for a missing folder, a folder that is not a diffusers model
+    or a Hub id that cannot be reached."""
+    from diffusers import AutoencoderKL, DiffusionPipeline
+
+    path = Path(model)
+    if path.is_dir():
+        if not (path / config_name).is_file():
+            kind = "diffusers model folder (e.g. saved with pipe.save_pretrained)" if config_name == "model_index.json" else "diffusers VAE folder"
+            raise ConfigError(f"{flag} {model}: no {config_name} in this folder; expected a {kind}")
+    elif path.exists() or model.startswith(("/", "./", "../", "~", ".\\")) or model.count("/") > 1:
+        raise FileNotFoundError(f"{model}: no such model folder (give a diffusers model folder or a Hub id)")
+    loader = DiffusionPipeline if config_name == "model_index.json" else AutoencoderKL
+    try:
+        return loader.load_config(str(path) if path.is_dir() else model, revision=revision)
+    except (OSError, ValueError) as error:  # diffusers raises EnvironmentError for missing / unreachable files
+        if path.is_dir():
+            raise ConfigError(f"{flag} {model}: unreadable {config_name} ({error})") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"{flag} {model}: no such local folder, and the Hub could not provide it as a model id "
+                          f"(offline, not logged in, or no such repo?): {reason}") from None
+
+
+def _check_scheduler(config: TrainingConfig) -> None:
+    """--lr_scheduler is one of diffusers' get_scheduler names; piecewise_constant needs parseable --lr_step_rules."""
+    from diffusers.optimization import SchedulerType
+
+    names = [kind.value for kind in SchedulerType]
+    if config.lr_scheduler not in names:
+        raise ConfigError(f"--lr_scheduler must be one of {names}, got {config.lr_scheduler!r}")
+    if (config.lr_scheduler == "piecewise_constant") != (config.lr_step_rules is not None):
+        raise ConfigError("--lr_scheduler piecewise_constant and --lr_step_rules go together")
+    if config.lr_step_rules is not None:
+        _parse_step_rules(config.lr_step_rules)
+
+
+def _parse_step_rules(rules: str) -> tuple[list[tuple[float, int]], float]:
+    """diffusers' "multiplier:until_step,...,last_multiplier" rules as ([(multiplier, step), ...], last)."""
+    *pairs, last = rules.split(",")
+    try:
+        parsed = [(float(m), int(n)) for m, n in (pair.split(":") for pair in pairs)]
+        return parsed, float(last)
+    except ValueError:
+        raise ConfigError(f"--lr_step_rules {rules!r}: expected multiplier:step,...,multiplier, e.g. 1:100,0.1:200,0.01") from None
+
+
+def _check_trackers(config: TrainingConfig) -> None:
+    """Each --report_to tracker is known and installed (accelerate would silently drop a missing one)."""
+    import accelerate.utils
+
+    if config.report_to in ("none", "all"):
+        return
+    name = config.report_to
+    if name not in TRACKERS:
+        raise ConfigError(f"--report_to must be none, all or one of {list(TRACKERS)}, got {name!r}")
+    if not getattr(accelerate.utils, f"is_{name}_available")():  # as diffusers' scripts: an error, not a silent no-op
+        raise ConfigError(f"--report_to {name}: {name} is not installed (pip install {name.replace('_', '-')}), or use --report_to none")
 
 
 def _load_models(config: TrainingConfig, model_path: str):
@@ -221,6 +338,7 @@ def _generate_class_images(config: TrainingConfig, model_path: str, device: torc
     missing = config.num_class_images - len(existing)
     if missing <= 0:
         return
+    names = _free_class_names(folder, missing)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(config.prior_generation_precision)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     pipe = DiffusionPipeline.from_pretrained(model_path, revision=config.revision, variant=config.variant).to(device, dtype)
@@ -229,13 +347,26 @@ def _generate_class_images(config: TrainingConfig, model_path: str, device: torc
     for start in range(0, missing, config.sample_batch_size):
         count = min(config.sample_batch_size, missing - start)
         images = pipe([config.class_prompt] * count, generator=generator, height=config.resolution, width=config.resolution).images
-        for index, image in enumerate(images, start=len(existing) + start):
-            image.save(folder / f"class_{index:05d}.png")
+        for image, name in zip(images, names[start : start + count]):
+            image.save(folder / name)
     del pipe
 
 
+def _free_class_names(folder: Path, count: int) -> list[str]:
+    """`count` names class_NNNNN.png not used in `folder` (by any suffix): a top-up after deleting a few
+    class images fills the gaps instead of overwriting the images that follow them."""
+    taken = {p.stem for p in folder.iterdir()}
+    names, index = [], 0
+    while len(names) < count:
+        if f"class_{index:05d}" not in taken:
+            names.append(f"class_{index:05d}.png")
+        index += 1
+    return names
+
+
 class _PriorPairs(torch.utils.data.Dataset):
-    """Instance example i together with class example i % n (DreamBooth prior preservation)."""
+    """Example i: instance i % n_instance with class image i % n_class, max(n_instance, n_class) per epoch
+    (diffusers' DreamBoothDataset), so every class image is used whichever set is larger."""
 
     def __init__(self, instances: StyleDataset, classes: StyleDataset):
         self.instances, self.classes = instances, classes
@@ -245,10 +376,16 @@ class _PriorPairs(torch.utils.data.Dataset):
         self.classes.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.instances)
+        return max(len(self.instances), len(self.classes))
 
     def __getitem__(self, index: int):
-        return self.instances[index], self.classes[index % len(self.classes)]
+        return self.instances[index % len(self.instances)], self.classes[index % len(self.classes)]
+
+
+def _class_records(config: TrainingConfig) -> list[tuple[Path, str]]:
+    """The first --num_class_images class images (by name), each captioned with --class_prompt."""
+    found = read_image_folder(config.class_data_dir, config.class_prompt, limit=config.num_class_images)
+    return [(path, config.class_prompt) for path, _ in found]
 
 
 def _collate_pairs(batch):
@@ -270,9 +407,9 @@ def train(config: TrainingConfig) -> TrainingResult:
     # 1. Everything that can be checked before loading a model.
     validate_config(config)
     records = read_image_folder(config.train_data_dir, config.instance_prompt)
-    class_records = []
+    records = [record for record in records for _ in range(config.repeats)]  # --repeats, as diffusers' SDXL script
     if config.with_prior_preservation and Path(config.class_data_dir).is_dir() and any(Path(config.class_data_dir).iterdir()):
-        class_records = read_image_folder(config.class_data_dir, config.class_prompt)  # errors early, before generation
+        _class_records(config)  # errors early, before generation
     output_dir = Path(config.output_dir)
     # accelerate keeps one AcceleratorState per process; forget a previous train() call's precision / plugins
     # so that several runs (tests, sweeps, the demo) can differ. The process group (PartialState) is kept.
@@ -286,6 +423,11 @@ def train(config: TrainingConfig) -> TrainingResult:
     )
     if config.adapter == "shira" and config.impl == "hook" and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         raise ConfigError("--impl hook masks .grad of full weights, which DeepSpeed / FSDP own; use --impl sparse")
+    if "fp16" in (config.mixed_precision, accelerator.mixed_precision) and accelerator.device.type == "cpu":
+        # accelerate turns fp16 AMP off on CPU (no autocast, no loss scaling) while the models would still be
+        # cast to fp16: pure fp16 training without scaling, or dtype errors with --impl hook.
+        raise ConfigError("--mixed_precision fp16 needs a GPU (on CPU there is no fp16 autocast or loss scaling); use bf16 or no")
+    hub_repo_id = _create_hub_repo(config, output_dir) if config.push_to_hub and accelerator.is_main_process else None
     set_seed(config.seed)
     if config.allow_tf32:  # Ampere+ GPUs: TF32 matmuls, as diffusers' --allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -308,6 +450,8 @@ def train(config: TrainingConfig) -> TrainingResult:
         dtype = torch.float32 if keep_fp32 and model is not vae else weight_dtype
         if model.dtype != dtype:  # only when it changes anything (diffusers warns on every cast)
             model.to(dtype=dtype)
+    if config.enable_xformers_memory_efficient_attention:  # xformers presence was checked in validate_config
+        unet.enable_xformers_memory_efficient_attention()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
@@ -331,7 +475,7 @@ def train(config: TrainingConfig) -> TrainingResult:
         if accelerator.is_main_process:
             _generate_class_images(config, model_path, accelerator.device)
         accelerator.wait_for_everyone()
-        class_records = [(path, config.class_prompt) for path, _ in read_image_folder(config.class_data_dir, config.class_prompt)]
+        class_records = _class_records(config)
     dataset = StyleDataset(records, config.resolution, config.center_crop, config.random_flip, config.seed)
     if config.with_prior_preservation:
         dataset = _PriorPairs(dataset, StyleDataset(class_records, config.resolution, config.center_crop, config.random_flip, config.seed + 1))
@@ -397,7 +541,10 @@ def train(config: TrainingConfig) -> TrainingResult:
         import bitsandbytes as bnb
 
         optimizer_class = bnb.optim.AdamW8bit
-    groups = [t.param_group(config.adam_weight_decay) for t in trainables.values()]
+    # --adam_weight_decay_text_encoder (diffusers' SDXL script) for the text encoders, else --adam_weight_decay
+    decay = {c: config.adam_weight_decay if c == "unet" or config.adam_weight_decay_text_encoder is None else config.adam_weight_decay_text_encoder
+             for c in trainables}
+    groups = [t.param_group(decay[c]) for c, t in trainables.items()]
     for group, component in zip(groups, trainables):
         if component != "unet" and config.text_encoder_lr is not None:  # as diffusers' SDXL script (not --scale_lr'd)
             group["lr"] = config.text_encoder_lr
@@ -406,8 +553,15 @@ def train(config: TrainingConfig) -> TrainingResult:
         trainable.track(optimizer)  # sparse: W0 + v is rewritten once per optimizer step, not once per forward
     batches_per_process = math.ceil(len(dataloader) / accelerator.num_processes)  # prepare() shards the loader
     max_steps = config.max_train_steps or config.num_train_epochs * math.ceil(batches_per_process / config.gradient_accumulation_steps)
+    # The prepared scheduler steps once per process per optimizer step, so every step count is scaled by the
+    # process count (diffusers' scripts scale warmup and total; the step rules are scaled here as well, so
+    # they count optimizer steps whatever the launch).
+    step_rules = None
+    if config.lr_step_rules is not None:
+        pairs, last = _parse_step_rules(config.lr_step_rules)
+        step_rules = ",".join([f"{m}:{n * accelerator.num_processes}" for m, n in pairs] + [str(last)])
     lr_scheduler = get_scheduler(
-        config.lr_scheduler, optimizer=optimizer,
+        config.lr_scheduler, optimizer=optimizer, step_rules=step_rules,
         num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes, num_training_steps=max_steps * accelerator.num_processes,
         num_cycles=config.lr_num_cycles, power=config.lr_power,
     )
@@ -449,7 +603,7 @@ def train(config: TrainingConfig) -> TrainingResult:
     checkpoint = _find_checkpoint(output_dir, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        global_step = int(checkpoint.name.split("-")[1])
+        global_step = int(CHECKPOINT_NAME.fullmatch(checkpoint.name).group(1))
         first_epoch = global_step // updates_per_epoch
         skip_batches = (global_step % updates_per_epoch) * config.gradient_accumulation_steps
     elif config.resume_from_checkpoint:
@@ -457,11 +611,11 @@ def train(config: TrainingConfig) -> TrainingResult:
 
     # 6. The loop.
     if accelerator.is_main_process:
-        accelerator.init_trackers("shira-diffusion", config={k: str(v) for k, v in asdict(config).items()})
+        accelerator.init_trackers("shira-diffusion", config=config.loggable())  # no --hub_token in the logs
     progress = tqdm(range(max_steps), initial=global_step, desc="training", disable=not accelerator.is_local_main_process)
     losses: list[float] = []
     learning_rates: list[float] = []
-    step_loss = torch.zeros((), device=accelerator.device)
+    step_loss, micro_batches = torch.zeros((), device=accelerator.device), 0
     train_seconds, steps_timed, tick = 0.0, 0, time.perf_counter()
     for epoch in range(first_epoch, epochs):
         order.manual_seed(config.seed + epoch)
@@ -473,11 +627,12 @@ def train(config: TrainingConfig) -> TrainingResult:
             with accelerator.accumulate(*models):
                 loss = diffusion_loss(batch, noise_generator)
                 accelerator.backward(loss)
-                step_loss += loss.detach() / config.gradient_accumulation_steps
+                step_loss += loss.detach()
+                micro_batches += 1
                 if accelerator.sync_gradients:
                     lr = optimizer.param_groups[0]["lr"]  # the UNet's rate for this optimizer step
-                    for trainable, group in zip(trainables.values(), optimizer.param_groups):  # one group each
-                        trainable.decay_toward_base(group["lr"], config.adam_weight_decay)  # hook impl: masked decay
+                    for (component, trainable), group in zip(trainables.items(), optimizer.param_groups):  # one group each
+                        trainable.decay_toward_base(group["lr"], decay[component])  # hook impl: masked decay
                     accelerator.clip_grad_norm_([p for _, p in named], config.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients and accelerator.optimizer_step_was_skipped:
@@ -488,8 +643,11 @@ def train(config: TrainingConfig) -> TrainingResult:
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            losses.append(float(accelerator.gather(step_loss).mean()))
+            # the mean over the micro-batches this step had (an epoch's last step may have fewer than
+            # --gradient_accumulation_steps)
+            losses.append(float(accelerator.gather(step_loss / micro_batches).mean()))
             step_loss.zero_()
+            micro_batches = 0
             learning_rates.append(lr)
             progress.update(1)
             progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
@@ -515,8 +673,8 @@ def train(config: TrainingConfig) -> TrainingResult:
     if config.validation_prompt:
         _validate(config, accelerator, model_path, unet, text_encoders, vae, global_step)
     adapter_path = _save_adapter(config, accelerator, trainables, is_sdxl, global_step)
-    if config.push_to_hub and accelerator.is_main_process:
-        _push_to_hub(config, output_dir)
+    if hub_repo_id is not None:
+        _push_to_hub(config, output_dir, hub_repo_id)
     accelerator.end_training()
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return TrainingResult(adapter_path, output_dir, global_step, trainable_parameters, losses, learning_rates, peak, steps_timed / max(train_seconds, 1e-9))
@@ -589,18 +747,26 @@ def _find_checkpoint(output_dir: Path, which: str) -> Path | None:
     if which != "latest":
         path = Path(which)
         path = path if path.is_dir() else output_dir / which
-        if not path.is_dir() or not path.name.startswith("checkpoint-"):
+        if not path.is_dir() or not CHECKPOINT_NAME.fullmatch(path.name):
             raise FileNotFoundError(f"{which}: no such checkpoint folder (expected output_dir/checkpoint-N or 'latest')")
         return path
-    found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if output_dir.is_dir() else []
+    found = _numbered_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def _numbered_checkpoints(output_dir: Path) -> list[Path]:
+    """output_dir's checkpoint-N folders by N; other names (a user's checkpoint-best) are not the run's."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_NAME.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
 
 
 def _prune_checkpoints(output_dir: Path, limit: int | None) -> None:
     """Keep at most limit - 1 checkpoints, making room for the one about to be written."""
     if not limit:
         return
-    found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    found = _numbered_checkpoints(output_dir)
     for old in found[: max(0, len(found) - limit + 1)]:
         shutil.rmtree(old)
 
@@ -671,15 +837,32 @@ def _save_adapter(config, accelerator, trainables, is_sdxl, step) -> Path:
     return path
 
 
-def _push_to_hub(config: TrainingConfig, output_dir: Path) -> str:
-    """Upload the run's folder (adapter, model card, samples, validation images, logs; not the checkpoints or
-    the mask file) to `--hub_model_id` (default: the output folder's name), as diffusers' scripts do."""
-    from huggingface_hub import HfApi
+def _create_hub_repo(config: TrainingConfig, output_dir: Path) -> str:
+    """Create (or reach) the --push_to_hub repo before training, as diffusers' scripts do, so that being
+    offline or logged out is an error now rather than after the whole run. Returns the repo id."""
+    import huggingface_hub
 
-    api = HfApi(token=config.hub_token)
-    repo_id = api.create_repo(config.hub_model_id or output_dir.name, exist_ok=True).repo_id
-    return str(api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="End of training",
-                                 ignore_patterns=["checkpoint-*", MASK_FILE]))
+    repo = config.hub_model_id or output_dir.resolve().name
+    try:
+        return huggingface_hub.HfApi(token=config.hub_token).create_repo(repo, exist_ok=True).repo_id
+    except Exception as error:  # noqa: BLE001 -- offline mode, no token, HTTP 401/403, no network: each stops the run
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConfigError(f"--push_to_hub: cannot create or reach the Hub repo {repo!r} ({type(error).__name__}: {reason}); "
+                          "log in with `hf auth login`, check --hub_model_id, or drop --push_to_hub") from None
+
+
+def _push_to_hub(config: TrainingConfig, output_dir: Path, repo_id: str) -> str:
+    """Upload the run's folder (adapter, model card, samples, validation images, logs; not the checkpoints or
+    the mask file) to the repo made by `_create_hub_repo`, as diffusers' scripts do."""
+    import huggingface_hub
+
+    api = huggingface_hub.HfApi(token=config.hub_token)
+    try:
+        return str(api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="End of training",
+                                     ignore_patterns=["checkpoint-*", MASK_FILE]))
+    except Exception as error:  # noqa: BLE001 -- the adapter is saved: say where, and how to upload it later
+        raise ConfigError(f"--push_to_hub: the upload to {repo_id} failed ({type(error).__name__}: {error}); the run is saved in "
+                          f"{output_dir}, upload it with `hf upload {repo_id} {output_dir}`") from None
 
 
 def _write_model_card(config: TrainingConfig, output_dir: Path, adapter_path: Path, step: int, parameters: int) -> None:

@@ -315,11 +315,20 @@ def test_lora_baseline_is_a_diffusers_lora_file_on_every_target(setup):
     assert pipe.unet.peft_config[pipe.get_list_adapters()["unet"][0]].lora_dropout == 0.1  # stored with the file
 
 
-def test_text_encoder_lr_and_validation_epochs(setup):
+def test_text_encoder_lr_and_validation_epochs(setup, monkeypatch):
+    groups = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            groups.extend((g["lr"], g["weight_decay"]) for g in self.param_groups)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     # 6 images, batch 3: 2 steps per epoch; validation after each epoch (step 2) and at the end (step 4).
     result = train(config(setup, "te_lr", mask="rand", max_train_steps=4, train_text_encoder=True, text_encoder_lr=0.0,
                           validation_prompt="a shape", validation_epochs=1, validation_steps=0, num_validation_images=1,
-                          validation_inference_steps=2))
+                          validation_inference_steps=2, adam_weight_decay_text_encoder=0.5))
+    assert groups == [(3e-2, 1e-2), (0.0, 0.5)]  # unet: --learning_rate / --adam_weight_decay; text encoder: its own
     adapter = ShiraAdapter.load(result.adapter_path)
     moved = {component for component, _, delta in adapter.items() if delta.deltas.abs().max() > 0}
     assert moved == {"unet"} and "text_encoder" in adapter.components  # trained at rate 0: not moved at all
@@ -392,16 +401,187 @@ def test_bad_training_input_gives_clear_errors_before_training(setup, tmp_path, 
     assert "blue fire style" in (tmp_path / "out" / "README.md").read_text()
 
 
+def test_user_errors_are_reported_before_any_model_loads(setup, tmp_path, capsys, monkeypatch):
+    """Each case: `error: ...` and exit 2 from checks that need no weights (loading one would fail the test)."""
+    import importlib.util
+
+    from shira_diffusion import training
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the error")
+
+    monkeypatch.setattr(training, "_load_models", no_loading)
+    out = tmp_path / "out"
+    base = ["train", "--pretrained_model_name_or_path", setup["model"], "--train_data_dir", setup["data"], "--output_dir", str(out),
+            "--resolution", "32", "--report_to", "none"]
+    not_a_model = draw_style_folder(tmp_path / "images")
+    truncated = draw_style_folder(tmp_path / "truncated")
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(truncated / "5.jpg", quality=95)
+    (truncated / "5.jpg").write_bytes((truncated / "5.jpg").read_bytes()[:300])  # verify() passes this file
+    (truncated / "metadata.jsonl").write_text((truncated / "metadata.jsonl").read_text().replace("5.png", "5.jpg"))
+    (truncated / "5.png").unlink()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+
+    def with_(flag, value):
+        args = list(base)
+        args[args.index(flag) + 1] = str(value)
+        return args
+
+    cases = [
+        (with_("--pretrained_model_name_or_path", not_a_model), "images: no model_index.json in this folder"),
+        (with_("--pretrained_model_name_or_path", "nonexistent_model_dir"), "nonexistent_model_dir: no such local folder, and the Hub could not"),
+        (base + ["--pretrained_vae_model_name_or_path", str(not_a_model)], "images: no config.json in this folder"),
+        (with_("--output_dir", a_file), "--output_dir .*a_file: exists and is not a folder"),
+        (with_("--train_data_dir", truncated), "5.jpg: unreadable image"),
+        (base + ["--learning_rate", "-1"], "--learning_rate must be > 0, got -1.0"),
+        (base + ["--learning_rate", "nan"], "--learning_rate must be > 0, got nan"),
+        (base + ["--snr_gamma", "0"], "--snr_gamma must be > 0, got 0.0"),
+        (base + ["--lr_warmup_steps", "-5"], "--lr_warmup_steps must be >= 0, got -5"),
+        (base + ["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be a positive integer, got 0"),
+        (base + ["--max_grad_norm", "0"], "--max_grad_norm must be > 0, got 0.0"),
+        (base + ["--adam_beta2", "1"], r"--adam_beta2 must be in \[0, 1\), got 1.0"),
+        (base + ["--repeats", "0"], "--repeats must be a positive integer, got 0"),
+        (base + ["--lr_scheduler", "piecewise_constant"], "--lr_scheduler piecewise_constant and --lr_step_rules go together"),
+        (base + ["--lr_scheduler", "piecewise_constant", "--lr_step_rules", "1:x,0.1"], "--lr_step_rules '1:x,0.1': expected"),
+        (base + ["--adam_weight_decay_text_encoder", "0.1"], "--adam_weight_decay_text_encoder needs --train_text_encoder"),
+        (base + ["--push_to_hub", "--hub_model_id", "me/style"], "--push_to_hub: cannot create or reach the Hub repo 'me/style'"),  # offline
+    ]
+    if not torch.cuda.is_available():
+        cases.append((base + ["--mixed_precision", "fp16"], "--mixed_precision fp16 needs a GPU .* use bf16 or no"))
+    if importlib.util.find_spec("wandb") is None:
+        cases.append((base + ["--report_to", "wandb"], "--report_to wandb: wandb is not installed"))
+    if importlib.util.find_spec("xformers") is None:
+        cases.append((base + ["--enable_xformers_memory_efficient_attention"], "needs xformers"))
+    for args, message in cases:
+        assert main(args) == 2, message
+        err = capsys.readouterr().err
+        assert re.search(r"(^|\n)error: .*" + message, err), (message, err)
+        assert "Traceback" not in err and not (out / "masks.safetensors").exists()
+
+
+def test_checkpoint_folders_with_other_names_are_not_the_runs(tmp_path):
+    from shira_diffusion.training import _find_checkpoint, _prune_checkpoints
+
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-best", "checkpoint-3-old"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint-99").write_text("a file, not a checkpoint")
+    assert _find_checkpoint(tmp_path, "latest").name == "checkpoint-10"  # by number, not by name
+    with pytest.raises(FileNotFoundError, match="checkpoint-best: no such checkpoint folder"):
+        _find_checkpoint(tmp_path, "checkpoint-best")
+    _prune_checkpoints(tmp_path, 2)  # room for one more: keeps only the newest numbered one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-3-old", "checkpoint-99", "checkpoint-best"]
+
+
+def test_prior_pairs_use_every_class_image_up_to_num_class_images(tmp_path):
+    from shira_diffusion.data import StyleDataset, read_image_folder
+    from shira_diffusion.training import _class_records, _PriorPairs
+
+    instances = draw_style_folder(tmp_path / "instances", count=2)
+    classes = draw_style_folder(tmp_path / "classes", count=6, captions=False)
+    (classes / "9.png").write_bytes(b"not a png")  # after the first --num_class_images: never opened
+    run = TrainingConfig(pretrained_model_name_or_path="m", train_data_dir=str(instances), with_prior_preservation=True,
+                         class_data_dir=classes, class_prompt="a shape", num_class_images=5)
+    records = _class_records(run)
+    assert [(p.name, c) for p, c in records] == [(f"{i}.png", "a shape") for i in range(5)]
+    named = [(path, path.name) for path, _ in records]  # captions = file names, to see which image each example is
+    pairs = _PriorPairs(StyleDataset(read_image_folder(instances), 32, True, False, 0), StyleDataset(named, 32, True, False, 1))
+    assert len(pairs) == 5  # max(2 instances, 5 class images), as diffusers' DreamBoothDataset
+    seen = [(pairs[i][0]["caption"], pairs[i][1]["caption"]) for i in range(len(pairs))]
+    assert [c for _, c in seen] == [f"{i}.png" for i in range(5)]
+    assert [i for i, _ in seen] == ["shape 0, blue fire style", "shape 1, blue fire style"] * 2 + ["shape 0, blue fire style"]
+
+
+def test_images_are_read_upright_and_high_bit_depth_pngs_are_scaled(tmp_path, capsys):
+    from shira_diffusion.data import StyleDataset, open_image, read_image_folder
+    from shira_diffusion.datasets import check_dataset
+
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    upright = np.zeros((64, 32, 3), np.uint8)
+    upright[:16] = 255  # a white band at the top of a 32 wide, 64 high photo
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation 6: stored rotated, shown after turning 90 degrees clockwise
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(folder / "phone.jpg", exif=exif, quality=100)
+    gradient = np.linspace(0, 65535, 48 * 48).reshape(48, 48).astype(np.uint16)
+    Image.fromarray(gradient).save(folder / "deep.png")
+    assert Image.open(folder / "deep.png").mode == "I;16"
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "phone.jpg", "text": "a"}) + "\n" + json.dumps({"file_name": "deep.png", "text": "b"}))
+
+    phone = np.asarray(open_image(folder / "phone.jpg"))
+    assert phone.shape == (64, 32, 3) and phone[:12].mean() > 230 and phone[20:].mean() < 25  # upright
+    deep = np.asarray(open_image(folder / "deep.png"))
+    assert deep.dtype == np.uint8 and np.abs(deep[..., 0].astype(float) - gradient / 257).max() <= 0.5  # scaled, not clipped
+    dataset = StyleDataset(read_image_folder(folder), 32, True, False, 0)
+    assert dataset[1]["original_size"] == (64, 32)  # SDXL's original_size: the upright height and width
+    assert abs(float(dataset[0]["pixel_values"].mean())) < 0.1  # the gradient: mean grey, not near-white (~0.98)
+    defects, stats = check_dataset(folder, resolution=48)
+    assert [str(d) for d in defects] == ["phone.jpg: 32x64 is smaller than the training resolution 48"]  # upright size
+    assert stats["images"] == 2
+
+
+def test_null_caption_is_an_error_naming_the_line(tmp_path, capsys):
+    from shira_diffusion.data import read_image_folder
+
+    folder = draw_style_folder(tmp_path / "nulls", count=2)
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": "x"}) + "\n" + json.dumps({"file_name": "1.png", "text": None}))
+    with pytest.raises(ValueError, match=r"metadata.jsonl:2: \"text\" of 1.png must be a non-empty string, got null"):
+        read_image_folder(folder)
+    assert main(["dataset", "check", str(folder)]) == 1
+    assert 'metadata.jsonl:2: "text" of 1.png must be a non-empty string' in capsys.readouterr().out
+
+
+def test_lora_factors_are_fp32_masters_on_a_bf16_model():
+    unet = tiny_pipeline("sd").unet.requires_grad_(False).to(torch.bfloat16)
+    trainable = prepare_trainable(unet, "lora", rank=4)
+    factors = trainable.named_parameters()
+    assert factors and all(p.dtype == torch.float32 for _, p in factors)
+    before = {n: p.detach().clone() for n, p in factors if "lora_A" in n}
+    optimizer = torch.optim.AdamW([trainable.param_group(1e-2)], lr=1e-4)
+    sample, timestep, hidden = _step_inputs(unet, torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        unet(sample.bfloat16(), timestep, hidden.bfloat16()).sample.float().square().mean().backward()
+    optimizer.step()
+    # lora_B starts at 0, so lora_A's first step is AdamW's decay, a 1e-6 relative change: bf16 rounds it away
+    changed = sum(int((p.detach() != before[n]).sum()) for n, p in factors if "lora_A" in n)
+    assert changed == sum(p.numel() for p in before.values())
+
+
+def test_path_model_logged_loss_of_partial_accumulation_repeats_step_rules_and_no_token_in_logs(setup):
+    """6 images x --repeats 2, batch 2: 6 micro-batches. Accumulating 4, the second step has only 2, and its
+    logged loss is their mean. lr 1e-12 keeps the model fixed, so the per-batch losses of a run without
+    accumulation are the same micro-batch losses."""
+    common = {"mask": "rand", "train_batch_size": 2, "repeats": 2, "max_train_steps": None, "num_train_epochs": 1, "learning_rate": 1e-12}
+    per_batch = train(config(setup, "loss_single", **common))
+    assert len(per_batch.losses) == 6  # 12 examples per epoch: --repeats doubled it
+    token = "hf_NOT_A_REAL_TOKEN_4b1d"
+    accumulated = train(config(setup, "loss_accum", pretrained_model_name_or_path=Path(setup["model"]), gradient_accumulation_steps=4,
+                               report_to="tensorboard", hub_token=token, lr_scheduler="piecewise_constant", lr_step_rules="1:1,0.5", **common))
+    first, rest = per_batch.losses[:4], per_batch.losses[4:]
+    np.testing.assert_allclose(accumulated.losses, [sum(first) / 4, sum(rest) / 2], rtol=1e-5)
+    assert accumulated.learning_rates == pytest.approx([1e-12, 5e-13])  # x1 before step 1, then x0.5
+    assert ShiraAdapter.load(accumulated.adapter_path).base_model == setup["model"]  # a Path: saved as its string
+    files = [p for p in accumulated.output_dir.rglob("*") if p.is_file()]
+    assert any("tfevents" in p.name for p in files) and any(p.name == "hparams.yml" for p in files)
+    assert not [p for p in files if token.encode() in p.read_bytes()]
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        train(config(setup, "missing_path", pretrained_model_name_or_path=Path(setup["root"]) / "no_model"))
+
+
 def test_prior_preservation_snr_noise_offset_accumulation_and_bf16(setup, tmp_path):
-    classes = draw_style_folder(tmp_path / "class", count=3, captions=False)
+    classes = draw_style_folder(tmp_path / "class", count=2, captions=False)
+    for index, name in ((0, "class_00001.png"), (1, "class_00002.png")):  # class_00000 deleted by the user: a gap
+        (classes / f"{index}.png").rename(classes / name)
+    kept = (classes / "class_00002.png").read_bytes()
     result = train(config(
         setup, "prior", mask="rand", max_train_steps=3, with_prior_preservation=True, class_data_dir=str(classes),
-        class_prompt="a shape", num_class_images=6, sample_batch_size=2, snr_gamma=5.0, noise_offset=0.05, gradient_accumulation_steps=2,
+        class_prompt="a shape", num_class_images=5, sample_batch_size=2, snr_gamma=5.0, noise_offset=0.05, gradient_accumulation_steps=2,
         train_batch_size=1, mixed_precision="bf16", gradient_checkpointing=True, target_conv=True,
     ))
     assert result.global_step == 3 and len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
-    generated = ["class_00003.png", "class_00004.png", "class_00005.png"]  # 3 missing: a batch of 2, then 1
-    assert sorted(p.name for p in classes.glob("*.png")) == ["0.png", "1.png", "2.png", *generated]
+    # 3 missing (a batch of 2, then 1), written to free names: the gap, then after the last one; none overwritten
+    assert sorted(p.name for p in classes.glob("*.png")) == [f"class_{i:05d}.png" for i in range(5)]
+    assert (classes / "class_00002.png").read_bytes() == kept
     adapter = ShiraAdapter.load(result.adapter_path)
     assert adapter.num_parameters == result.trainable_parameters
     names = [name for _, name, delta in adapter.items() if delta.deltas.abs().max() > 0]
@@ -417,6 +597,13 @@ def test_dreambooth_flags_scale_lr_schedule_cycles_vae_and_push_to_hub(setup, tm
 
     args = build_parser().parse_args(["train", "--pretrained_model_name_or_path", "m", "--instance_data_dir", "d"])
     assert config_from_dict(vars(args)).train_data_dir == "d"  # diffusers' DreamBooth name for the data folder
+    args = build_parser().parse_args([  # diffusers' flags that launchers and users pass, honoured
+        "train", "--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--local_rank", "0", "--repeats", "3",
+        "--adam_weight_decay_text_encoder", "0.1", "--lr_scheduler", "piecewise_constant", "--lr_step_rules", "1:2,0.1",
+        "--enable_xformers_memory_efficient_attention"])
+    parsed = config_from_dict(vars(args))
+    assert (parsed.repeats, parsed.adam_weight_decay_text_encoder, parsed.lr_scheduler, parsed.lr_step_rules,
+            parsed.enable_xformers_memory_efficient_attention) == (3, 0.1, "piecewise_constant", "1:2,0.1", True)
 
     vae = AutoencoderKL.from_pretrained(setup["model"], subfolder="vae")
     with torch.no_grad():

@@ -38,6 +38,12 @@ HELP = {
     "text_encoder_lr": "learning rate of the text encoder(s) with --train_text_encoder (default: --learning_rate)",
     "validation_epochs": "also generate validation images after every N epochs (diffusers' DreamBooth scripts' unit)",
     "lora_dropout": "dropout of the LoRA baseline's layers (default 0)",
+    "repeats": "repeat each training image this many times per epoch (diffusers' SDXL script; default 1)",
+    "adam_weight_decay_text_encoder": "weight decay of the text encoder(s) with --train_text_encoder (default: --adam_weight_decay)",
+    "enable_xformers_memory_efficient_attention": "use xformers' attention in the UNet (needs xformers installed)",
+    "lr_scheduler": "a diffusers get_scheduler name (default cosine); piecewise_constant takes --lr_step_rules",
+    "lr_step_rules": "piecewise_constant rules 'multiplier:until_step,...,last_multiplier' in optimizer steps, e.g. 1:500,0.1:800,0.01",
+    "num_class_images": "class images for prior preservation: generated up to this count, and at most this many used (default 100)",
 }
 ALIASES = {"train_data_dir": ("--instance_data_dir",)}  # diffusers' DreamBooth scripts call it that
 CHOICES = {
@@ -46,7 +52,7 @@ CHOICES = {
     "impl": ("sparse", "hook"),
     "mixed_precision": ("no", "fp16", "bf16"),
     "prior_generation_precision": ("no", "fp32", "fp16", "bf16"),
-    "lr_scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
+    "lr_scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "piecewise_constant"),
 }
 
 
@@ -72,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default = None if required else field.default
             parser.add_argument(flag, *ALIASES.get(field.name, ()), type=_flag_type(annotation), default=default, required=required,
                                 choices=CHOICES.get(field.name), help=help_text or f"(default: {default})")
+    # Launchers such as torch.distributed.launch pass --local_rank; accelerate reads LOCAL_RANK itself, so the
+    # value is accepted and not otherwise used (not a TrainingConfig field).
+    parser.add_argument("--local_rank", type=int, default=-1, help="accepted for launchers that pass it (accelerate reads LOCAL_RANK)")
 
 
 def run(args: argparse.Namespace) -> int:
