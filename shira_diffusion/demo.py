@@ -11,6 +11,8 @@ model with `--model` (HPSv2 scoring is added when its checkpoint is available):
    with the other, for SHiRA and for LoRA. Retention = (base loss - fused loss) / (base loss - alone loss):
    the share of what the adapter learned that survives the fusion (1 = all of it);
 5. write `report.md`, `results.json` and grid PNGs to the output folder.
+The model and a given HPS checkpoint are checked first (the checkpoint is loaded), so a bad input fails in
+seconds instead of after the training and rendering.
 
 Usage: run_demo(DemoConfig(out="shira-demo"))
 """
@@ -84,11 +86,16 @@ def run_demo(config: DemoConfig) -> dict:
     from tqdm.auto import tqdm
 
     from .datasets import STYLES, make_style_dataset
+    from .evaluation import check_model_source
     from .loaders import add_shira_support
     from .testing import tiny_pipeline
     from .training import TrainingConfig, denoising_loss, train
 
     config = config.resolved()
+    # Everything that can fail on user input fails now, in seconds, not after the training and rendering.
+    if config.model is not None:
+        check_model_source(config.model)
+    scorer, hps_note = _prepare_scorer(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     stages = tqdm(total=7, desc="demo", unit="step")
@@ -127,7 +134,7 @@ def run_demo(config: DemoConfig) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
-    pipe = add_shira_support(StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None)).to(device)
+    pipe = add_shira_support(StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None)).to(device)
     pipe.set_progress_bar_config(disable=True)
 
     stages.set_postfix_str("switching")
@@ -185,23 +192,36 @@ def run_demo(config: DemoConfig) -> dict:
     results["fusion_retention"] = retention
     stages.update()
 
-    results["hpsv2"] = _hps(config, pipe, trained, prompts)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    results["hpsv2"] = {"skipped": hps_note} if scorer is None else {"pending": "scoring"}
+    (out / "results.json").write_text(json.dumps(results, indent=2))  # written before scoring: nothing is lost if it fails
     (out / "report.md").write_text(_report(results))
+    if scorer is not None:
+        results["hpsv2"] = _hps(config, pipe, trained, prompts, scorer.to(device))
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "report.md").write_text(_report(results))
     stages.close()
     return results
 
 
-def _hps(config: DemoConfig, pipe, trained, prompts) -> dict:
-    """HPSv2 of base / A / B / A+B (SHiRA) when a checkpoint is at hand; a note otherwise."""
+def _prepare_scorer(config: DemoConfig):
+    """(HPSv2Scorer on the CPU, None) when scoring will run, else (None, why not). A checkpoint the user named
+    must load (errors propagate: bad file -> ValueError); the default one may be absent (a note)."""
     if config.model is None:
-        return {"skipped": "tiny pipeline: HPSv2 is meaningful only for a real model (use --model)"}
+        if config.hps_checkpoint is not None and not Path(config.hps_checkpoint).is_file():
+            raise FileNotFoundError(f"{config.hps_checkpoint}: no such HPSv2 checkpoint file")
+        return None, "tiny pipeline: HPSv2 is meaningful only for a real model (use --model)"
     from .evaluation import HPSv2Scorer
 
     try:
-        scorer = HPSv2Scorer(config.hps_checkpoint)
+        return HPSv2Scorer(config.hps_checkpoint, device="cpu"), None  # moved to the GPU only for scoring
     except FileNotFoundError as error:
-        return {"skipped": str(error)}
+        if config.hps_checkpoint is not None:
+            raise
+        return None, str(error)
+
+
+def _hps(config: DemoConfig, pipe, trained, prompts, scorer) -> dict:
+    """HPSv2 of base / A / B / A+B (SHiRA)."""
     pipe.unload_lora_weights()
     pipe.load_shira_weights(trained[("shira", "A")], adapter_name="A")
     pipe.load_shira_weights(trained[("shira", "B")], adapter_name="B")
@@ -242,6 +262,8 @@ def _report(results: dict) -> str:
     hps = results["hpsv2"]
     if "skipped" in hps:
         lines.append(f"Skipped: {hps['skipped']}")
+    elif "pending" in hps:
+        lines.append("Not scored yet (the run stopped before or during scoring).")
     else:
         lines += [f"HPSv2 {hps['version']} × 100 (mean ± std over the grid prompts):", ""]
         lines += [f"- {name}: {v['mean']:.1f} ± {v['std']:.1f}" for name, v in hps["scores"].items()]

@@ -1,6 +1,7 @@
 """HPSv2 scorer (tiny open_clip config, HPS checkpoint layout) and the evaluation runner, offline."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -90,11 +91,35 @@ def test_missing_checkpoint_offline_names_file_and_repo(monkeypatch, tmp_path):
         HPSv2Scorer(tmp_path / "nope.pt")
 
 
-def test_hpsv2_backend_agrees_when_installed(checkpoint, scorer):
-    pytest.importorskip("hpsv2")
+class _Payload:
+    """Unpickling this runs code: a checkpoint holding it must be refused, not loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_checkpoints_that_are_not_tensors_only_or_not_clip_are_refused_clearly(checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": _Payload(marker)}, tmp_path / "payload.pt")
+    with pytest.raises(ValueError, match=r"payload\.pt: not a tensors-only checkpoint, refusing to unpickle"):
+        HPSv2Scorer(tmp_path / "payload.pt", model_name="tiny-hps")
+    assert not marker.exists()
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"junk\.safetensors: not a readable \.safetensors checkpoint"):
+        HPSv2Scorer(tmp_path / "junk.safetensors", model_name="tiny-hps")
+    with pytest.raises(ValueError, match="unknown open_clip model 'no-such-clip'"):
+        HPSv2Scorer(checkpoint, model_name="no-such-clip")
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "hps.safetensors")  # the accepted alternative
     image = Image.new("RGB", (64, 48), (200, 30, 30))
-    other = HPSv2Scorer(checkpoint, model_name="tiny-hps", backend="hpsv2")
-    assert other.score([image], "red")[0] == pytest.approx(scorer.score([image], "red")[0], abs=0.05)
+    assert HPSv2Scorer(tmp_path / "hps.safetensors", model_name="tiny-hps").score([image], "red") == pytest.approx(
+        HPSv2Scorer(checkpoint, model_name="tiny-hps").score([image], "red"), abs=1e-4)
+    assert set(load_file(tmp_path / "hps.safetensors")) == set(state)
 
 
 def test_summary_table_on_fixed_scores():
@@ -143,21 +168,21 @@ def test_runner_end_to_end_resumes_and_writes_every_report(tmp_path, scorer):
         result = run_evaluation(pipe, adapters, prompts, **kwargs)
         settings = 1 + 2 * (3 + 1)  # base + per alpha (3 adapters + 1 fusion)
         assert calls["n"] == result.generated == settings * 2 * 2 == len(result.records)
-        again = run_evaluation(tiny_pipeline("sd"), adapters, prompts, **kwargs)
+        again = run_evaluation(pipe, adapters, prompts, **kwargs)  # the same pipe: the first run left it as it was
         assert again.generated == 0 and calls["n"] == settings * 4 and len(again.records) == len(result.records)
     finally:
         type(pipe).__call__ = original
     by_key = {r["key"]: r for r in result.records}
-    assert by_key["a+b|1|0|0"]["weights"] == {"a": 0.7, "b": 0.5} and by_key["a|0.5|1|1"]["weights"] == {"a": 0.5}
+    assert by_key["a+b@0.7,0.5|1|0|0"]["weights"] == {"a": 0.7, "b": 0.5} and by_key["a|0.5|1|1"]["weights"] == {"a": 0.5}
     base_image = np.asarray(Image.open(tmp_path / "eval" / by_key["base|0|0|0"]["image"]))
     for label in ("a", "l"):
         assert not np.array_equal(np.asarray(Image.open(tmp_path / "eval" / by_key[f"{label}|1|0|0"]["image"])), base_image)
     assert all(r["hps_version"] == "v2.1" and isinstance(r["score"], float) for r in result.records)
     table = (tmp_path / "eval" / "summary.md").read_text()
-    assert "| a+b |" in table and "α=0.5" in table and "±" in table
+    assert "| a+b@0.7,0.5 |" in table and "α=0.5" in table and "±" in table
     for name in ("records.csv", "summary.csv", "score_vs_alpha.png", "grids/prompt000.png", "grids/prompt001.png"):
         assert (tmp_path / "eval" / name).is_file(), name
-    assert pipe.get_active_shira_adapters() == []
+    assert pipe.get_active_shira_adapters() == [] and pipe.get_shira_adapters() == {} and pipe.get_list_adapters() == {}
 
 
 def test_eval_cli_generates_without_scoring_and_reports_bad_flags(tmp_path, capsys):
@@ -167,5 +192,6 @@ def test_eval_cli_generates_without_scoring_and_reports_bad_flags(tmp_path, caps
     assert main(base + ["--seeds", "0", "--no_score"]) == 0
     assert (tmp_path / "out" / "records.jsonl").is_file()
     assert (tmp_path / "out" / "grids" / "prompt000.png").is_file() and not (tmp_path / "out" / "score_vs_alpha.png").exists()
+    assert "No HPSv2 scores yet: 1 images" in (tmp_path / "out" / "summary.md").read_text()
     assert main(base + ["--adapter", "nofile"]) == 2 and "expected NAME=FILE" in capsys.readouterr().err
     assert main(base + ["--fusion", "a"]) == 2 and "expected 'name1+name2" in capsys.readouterr().err

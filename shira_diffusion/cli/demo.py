@@ -1,6 +1,6 @@
 """`shira-diffusion demo`: train two styles, switch, fuse, measure retention, write a report — offline.
 
-Usage: shira-diffusion demo --out shira-demo            (tiny pipeline, a couple of minutes on 2 CPU cores)
+Usage: shira-diffusion demo --out shira-demo            (tiny pipeline, about 1-2 minutes on 2 CPU cores)
        shira-diffusion demo --model stable-diffusion-v1-5/stable-diffusion-v1-5 --hps_checkpoint HPS_v2.1_compressed.pt
 """
 
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask", default="struct", help="SHiRA mask (default struct)")
     parser.add_argument("--learning_rate", type=float, default=None, help="default 1e-2 tiny / 1e-4 real")
     parser.add_argument("--inference_steps", type=int, default=None, help="sampling steps (default 4 tiny / 30 real)")
-    parser.add_argument("--hps_checkpoint", default=None, help="HPS_v2.1_compressed.pt for scoring with --model")
+    parser.add_argument("--hps_checkpoint", default=None, help="HPS_v2.1_compressed.pt (or .safetensors) for scoring with --model; loaded before training")
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -6,11 +6,12 @@ Usage:
     scores = scorer.score(images, "a koala, blue fire style")
 """
 
-from .hps import HPS_FILES, HPS_REPO, HPSv2Scorer, preprocess, score_one_by_one
+from .hps import HPS_FILES, HPS_REPO, HPSv2Scorer, preprocess
+from .pipeline import check_model_source, load_pipeline
 from .prompts import Prompt, load_prompts
-from .runner import EvaluationResult, Fusion, run_evaluation, summarize_records
+from .runner import EvaluationResult, Fusion, resolve_adapter, run_evaluation, summarize_records, summary_markdown
 
 __all__ = [
-    "HPS_FILES", "HPS_REPO", "EvaluationResult", "Fusion", "HPSv2Scorer", "Prompt", "load_prompts",
-    "preprocess", "run_evaluation", "score_one_by_one", "summarize_records",
+    "HPS_FILES", "HPS_REPO", "EvaluationResult", "Fusion", "HPSv2Scorer", "Prompt", "check_model_source", "load_pipeline",
+    "load_prompts", "preprocess", "resolve_adapter", "run_evaluation", "summarize_records", "summary_markdown",
 ]

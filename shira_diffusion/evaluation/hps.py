@@ -3,8 +3,12 @@
 The score is 100 x the cosine of the L2-normalised image and text embeddings of open_clip ViT-H-14 with the
 HPS v2.0 / v2.1 weights (`HPS_v2_compressed.pt` / `HPS_v2.1_compressed.pt` from the Hub repo xswu/HPSv2),
 the scale the SHiRA paper reports. Built on open_clip_torch rather than the `hpsv2` package (whose 1.2.0
-wheel lacks its BPE vocabulary, imports `turtle` and pins pytest==7.2.0 and protobuf<4); when `hpsv2` is
-installed it is offered as `backend="hpsv2"` for cross-checking.
+wheel lacks its BPE vocabulary, imports `turtle`, pins pytest==7.2.0 and protobuf<4, downloads the 3.9 GB
+LAION ViT-H-14 weights only to overwrite them, and reloads the checkpoint on every call).
+
+Checkpoints: a `.pt` is read by open_clip with `torch.load(weights_only=True)` (tensors and plain containers
+only; anything else is refused, never unpickled), a `.safetensors` file with safetensors. Either may hold
+`{"state_dict": ...}` or a bare state dict (a `module.` prefix is stripped); the load is strict.
 
 Usage:
     scorer = HPSv2Scorer(version="v2.1")             # downloads once with huggingface_hub, or checkpoint=PATH
@@ -13,6 +17,8 @@ Usage:
 
 from __future__ import annotations
 
+import pickle
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +35,7 @@ IMAGE_SIZE = 224
 def preprocess(image: Image.Image, size: int = IMAGE_SIZE) -> torch.Tensor:
     """The official HPS transform: RGB, longest side to `size` (bicubic, on the tensor), centred zero
     padding to a square, CLIP mean/std. (RGBA is converted to RGB first; the official code lets 4
-    channels through and then fails.)"""
+    channels through and then fails.) Usage: pixels = preprocess(Image.open("a.png"))"""
     import torchvision.transforms.functional as TF
 
     tensor = TF.to_tensor(image.convert("RGB"))
@@ -64,6 +70,7 @@ class HPSv2Scorer:
     """Loads the model once; scores images in batches (fp16 on GPU).
 
     `model_name` exists so tests can use a tiny registered open_clip config through the same loader.
+    Usage: HPSv2Scorer("HPS_v2.1_compressed.pt").score(images, prompts)
     """
 
     def __init__(
@@ -74,33 +81,42 @@ class HPSv2Scorer:
         dtype: torch.dtype | None = None,
         model_name: str = "ViT-H-14",
         batch_size: int = 16,
-        backend: str = "open_clip",
         cache_dir: str | None = None,
     ):
         import open_clip
+        from safetensors import SafetensorError
 
         if version not in HPS_FILES:
             raise ValueError(f"HPS version must be one of {list(HPS_FILES)}, got {version!r}")
-        if backend not in ("open_clip", "hpsv2"):
-            raise ValueError(f"backend must be open_clip or hpsv2, got {backend!r}")
-        self.version, self.backend, self.batch_size = version, backend, batch_size
+        if model_name not in open_clip.list_models():
+            raise ValueError(f"unknown open_clip model {model_name!r} (HPSv2 uses ViT-H-14; others must be registered with open_clip.add_model_config)")
+        self.version, self.model_name, self.batch_size = version, model_name, batch_size
+        self.checkpoint = _checkpoint_path(checkpoint, version, cache_dir)
+        try:
+            # open_clip's loader: takes {"state_dict": ...} or a bare state dict, strips "module.", strict load;
+            # .pt through torch.load(weights_only=True), .safetensors through safetensors.
+            model = open_clip.create_model(model_name, pretrained=self.checkpoint, device="cpu")
+        except (pickle.UnpicklingError, EOFError) as error:
+            # torch's own message suggests weights_only=False, which would run the file's code: say what it found
+            found = re.search(r"GLOBAL \S+ was not an allowed global|Unsupported global: GLOBAL \S+|Unsupported operand \d+", str(error))
+            raise ValueError(
+                f"{self.checkpoint}: not a tensors-only checkpoint, refusing to unpickle it ({found.group(0) if found else type(error).__name__}). "
+                "Use the official HPS_v2*_compressed.pt or a .safetensors copy."
+            ) from None
+        except SafetensorError as error:
+            raise ValueError(f"{self.checkpoint}: not a readable .safetensors checkpoint ({error})") from None
+        except RuntimeError as error:
+            raise ValueError(f"{self.checkpoint}: does not fit open_clip {model_name} ({str(error)[:500]})") from None
+        self.model = model.eval()
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.to(device, dtype)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "HPSv2Scorer":
+        """Move the model (default: CUDA if available, fp16 there, fp32 on the CPU). Usage: scorer.to("cuda")"""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        self.checkpoint = _checkpoint_path(checkpoint, version, cache_dir)
-        if backend == "hpsv2":
-            try:
-                import hpsv2  # noqa: F401
-            except ImportError:
-                raise ValueError("backend='hpsv2' needs the hpsv2 package (pip install hpsv2)") from None
-            return
-        try:
-            # open_clip's loader: takes {"state_dict": ...} or a bare state dict, strips "module.", strict load,
-            # and unpickles with weights_only=True (tensors and plain containers only).
-            self.model = open_clip.create_model(model_name, pretrained=self.checkpoint, device=self.device)
-        except RuntimeError as error:
-            raise ValueError(f"{self.checkpoint}: does not fit open_clip {model_name} ({error})") from None
-        self.model = self.model.to(self.dtype).eval()
-        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.model = self.model.to(self.device, self.dtype)
+        return self
 
     @torch.no_grad()
     def score(self, images: Sequence[Image.Image], prompts: str | Sequence[str]) -> list[float]:
@@ -109,10 +125,6 @@ class HPSv2Scorer:
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        if self.backend == "hpsv2":
-            import hpsv2
-
-            return [100.0 * float(hpsv2.score(image, prompt, cp=self.checkpoint, hps_version=self.version)[0]) for image, prompt in zip(images, prompts)]
         scores: list[float] = []
         for start in range(0, len(images), self.batch_size):
             pixels = torch.stack([preprocess(i) for i in images[start : start + self.batch_size]]).to(self.device, self.dtype)
@@ -121,9 +133,3 @@ class HPSv2Scorer:
             text_features = self.model.encode_text(tokens, normalize=True).float()
             scores += (100.0 * (image_features * text_features).sum(dim=-1)).tolist()
         return scores
-
-
-def score_one_by_one(images: Sequence[Image.Image], prompts: Sequence[str], **scorer_kwargs) -> list[float]:
-    """The official `hpsv2.score` call pattern (model rebuilt on every call, one image at a time), for
-    benchmarking against `HPSv2Scorer.score`."""
-    return [HPSv2Scorer(**scorer_kwargs).score([image], prompt)[0] for image, prompt in zip(images, prompts)]

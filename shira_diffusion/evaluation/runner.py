@@ -1,14 +1,22 @@
 """Generate and score every prompt x seed x alpha for the base model, each adapter alone and each fusion.
 
 One pipeline is loaded once; SHiRA adapters are loaded once each and switched with `set_shira_adapters`
-(fusion = several active with weights x alpha); LoRA files go through diffusers' own loader and are fused
-with `fuse_lora` at the same strengths, then unfused. Work is keyed by (adapter set, alpha, prompt, seed):
-images and scores already on disk are not redone. Under `accelerate launch` each process takes a share of
-the work and the main process merges the records.
+(fusion = several active with weights x alpha); LoRA files go through diffusers' own loader and run unfused
+with `set_adapters` at the same strengths (as diffusers users run them; fuse/unfuse would leave rounding
+drift in the base weights for the settings after it). The pipeline is returned as it came in, also when the
+run fails: the adapters this call loaded are unloaded and the SHiRA adapters that were active before are
+active again.
+
+Work is keyed by (setting, alpha, prompt, seed), where a fusion's setting label carries its weights
+(`a+b@0.7,0.5`): images and scores already on disk are not redone, and records without a score are scored
+when a later run has a scorer. The settings the records depend on (model, steps, guidance, size, scheduler,
+dtype, seed policy, adapter files, HPS version / model / checkpoint) are kept in `run_settings.json`; a
+resume with other settings is refused (use a new `out_dir`, or `overwrite=True` / `--overwrite`).
+Under `accelerate launch` each process takes a share of the work and the main process merges the records.
 
 Outputs in `out_dir`: `images/`, `records.jsonl` and `records.csv` (one row per image), `summary.md` and
-`summary.csv` (mean ± std of HPS x 100 per adapter set and alpha; std over images, ddof=1), `grids/`
-(one PNG per prompt: rows = settings, columns = seeds) and `score_vs_alpha.png`.
+`summary.csv` (mean ± std of HPS x 100 per setting and alpha; std over images, ddof=1), `grids/`
+(one PNG per prompt: rows = settings, columns = seeds), `score_vs_alpha.png` and `run_settings.json`.
 
 Usage:
     result = run_evaluation(pipe, {"bluefire": "bluefire.safetensors"}, load_prompts("prompts.json"),
@@ -18,19 +26,27 @@ Usage:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import shutil
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
-from ..format import METADATA_KEY
+from ..format import METADATA_KEY, SHIRA_WEIGHT_NAME
 from .prompts import Prompt
 
 BASE = "base"
+SETTINGS_NAME = "run_settings.json"
+SEED_POLICY = "torch.Generator('cpu').manual_seed(seed), one per image"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+RESERVED = set("+@,:|/\\= ")  # characters that would make labels, keys or image paths ambiguous
+OUTPUTS = ("records.jsonl", "records.csv", "summary.md", "summary.csv", "score_vs_alpha.png", SETTINGS_NAME)
 
 
 @dataclass(frozen=True)
@@ -42,16 +58,23 @@ class Fusion:
 
     @property
     def label(self) -> str:
-        return "+".join(self.names)
+        """'a+b' when every weight is 1, else 'a+b@0.7,0.5': fusions with other weights never share a label."""
+        joined = "+".join(self.names)
+        if all(w == 1.0 for w in self.weights):
+            return joined
+        return joined + "@" + ",".join(f"{w:g}" if float(f"{w:g}") == w else repr(w) for w in self.weights)
 
     @classmethod
     def parse(cls, text: str) -> "Fusion":
-        """'a+b' (weights 1) or 'a+b:0.7,0.5'."""
+        """'a+b' (weights 1) or 'a+b:0.7,0.5'. Usage: Fusion.parse("bluefire+paintings:0.7,0.5")"""
         names, _, weights = text.partition(":")
         parts = tuple(n for n in names.split("+") if n)
-        values = tuple(float(w) for w in weights.split(",")) if weights else (1.0,) * len(parts)
+        try:
+            values = tuple(float(w) for w in weights.split(",")) if weights else (1.0,) * len(parts)
+        except ValueError:
+            raise ValueError(f"--fusion {text!r}: weights must be numbers (expected 'name1+name2[:w1,w2]')") from None
         if len(parts) < 2 or len(values) != len(parts):
-            raise ValueError(f"fusion {text!r}: expected 'name1+name2[:w1,w2]' with one weight per adapter")
+            raise ValueError(f"--fusion {text!r}: expected 'name1+name2[:w1,w2]' with one weight per adapter")
         return cls(parts, values)
 
 
@@ -61,18 +84,63 @@ class EvaluationResult:
     records: list[dict] = field(default_factory=list)
     summary: list[dict] = field(default_factory=list)
     generated: int = 0  # images made by this call (the rest came from disk)
+    scored: int = 0  # records scored by this call
+
+
+def resolve_adapter(name: str, path: str | Path) -> tuple[Path, str]:
+    """(the .safetensors file, 'shira' or 'lora') for a file or a training output folder; errors name the adapter.
+    Usage: file, kind = resolve_adapter("bluefire", "out/bluefire")"""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / SHIRA_WEIGHT_NAME, path / LORA_WEIGHT_NAME]
+        found = [p for p in candidates if p.is_file()] or sorted(path.glob("*.safetensors"))
+        if len(found) != 1:
+            raise ValueError(
+                f"adapter {name}: {path} is a folder with {'no' if not found else 'several'} .safetensors files"
+                f"{'' if not found else ' (' + ', '.join(p.name for p in found) + ')'}; pass the file itself"
+            )
+        path = found[0]
+    elif not path.is_file():
+        raise FileNotFoundError(f"adapter {name}: {path}: no such file or folder")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if METADATA_KEY in (handle.metadata() or {}):
+                return path, "shira"
+            if any("lora" in key for key in handle.keys()):
+                return path, "lora"
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"adapter {name}: {path}: not a readable .safetensors file ({error})") from None
+    raise ValueError(f"adapter {name}: {path}: neither a SHiRA adapter nor a LoRA file")
 
 
 def adapter_kind(path: str | Path) -> str:
-    """'shira' or 'lora', from the safetensors header and key names."""
-    from safetensors import safe_open
+    """'shira' or 'lora', from the safetensors header and key names. Usage: adapter_kind("style.safetensors")"""
+    return resolve_adapter(Path(path).stem, path)[1]
 
-    with safe_open(str(path), framework="pt") as handle:
-        if METADATA_KEY in (handle.metadata() or {}):
-            return "shira"
-        if any("lora" in key for key in handle.keys()):
-            return "lora"
-    raise ValueError(f"{path}: neither a SHiRA adapter nor a LoRA file")
+
+def fingerprint(path: str | Path) -> str:
+    """Size + SHA-256 of the first and last MiB: tells files apart in milliseconds, even 2 GB checkpoints."""
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(1 << 20))
+        if size > 1 << 20:
+            handle.seek(max(1 << 20, size - (1 << 20)))
+            digest.update(handle.read())
+    return f"{size}:{digest.hexdigest()[:16]}"
+
+
+def _check_names(names: Iterable[str], fusions: Sequence[Fusion]) -> None:
+    for name in names:
+        if not name or name == BASE or RESERVED & set(name):
+            raise ValueError(f"adapter name {name!r}: must be non-empty, not {BASE!r}, and free of {''.join(sorted(RESERVED))!r}")
+    labels = [f.label for f in fusions]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise ValueError(f"fusion {label} is given twice")
 
 
 def _settings(names: Sequence[str], fusions: Sequence[Fusion], alphas: Sequence[float], include_base: bool):
@@ -88,20 +156,148 @@ def _key(label: str, alpha: float, prompt_index: int, seed: int) -> str:
     return f"{label}|{alpha:g}|{prompt_index}|{seed}"
 
 
-def _activate(pipe, strengths: Mapping[str, float], kinds: Mapping[str, str]) -> None:
-    lora = {n: s for n, s in strengths.items() if kinds[n] == "lora"}
-    pipe.set_shira_adapters([n for n in strengths if kinds[n] == "shira"], [s for n, s in strengths.items() if kinds[n] == "shira"])
-    if lora:
-        pipe.enable_lora()
-        pipe.set_adapters(list(lora), adapter_weights=list(lora.values()))
-        pipe.fuse_lora(adapter_names=list(lora))
-    elif any(kind == "lora" for kind in kinds.values()):
-        pipe.disable_lora()
+def _plain(value: Any) -> Any:
+    """JSON round trip (tuples -> lists, dtypes -> str) so stored and current settings compare equal."""
+    return json.loads(json.dumps(value, default=str))
 
 
-def _deactivate(pipe, strengths: Mapping[str, float], kinds: Mapping[str, str]) -> None:
-    if any(kinds[n] == "lora" for n in strengths):
-        pipe.unfuse_lora()
+def _scorer_settings(scorer) -> dict | None:
+    if scorer is None:
+        return None
+    settings = {"scorer": type(scorer).__name__, "version": getattr(scorer, "version", None), "model": getattr(scorer, "model_name", None)}
+    checkpoint = getattr(scorer, "checkpoint", None)
+    if checkpoint is not None:
+        settings["checkpoint"] = Path(checkpoint).name
+        settings["checkpoint_fingerprint"] = fingerprint(checkpoint)
+    return settings
+
+
+def _run_settings(pipe, model_id: str, steps: int, guidance: float, height, width, files: Mapping[str, Path], scorer, extra) -> dict:
+    scheduler = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
+    return _plain({
+        "model": model_id, **dict(extra or {}), "num_inference_steps": steps, "guidance_scale": guidance,
+        "height": height, "width": width, "scheduler": {"class": type(pipe.scheduler).__name__, **scheduler},
+        "dtype": str(pipe.dtype), "device": torch.device(pipe.device).type, "seed_policy": SEED_POLICY,
+        "adapters": {name: fingerprint(path) for name, path in files.items()}, "hps": _scorer_settings(scorer),
+    })
+
+
+def _differences(stored: Mapping, current: Mapping) -> list[str]:
+    """What differs between the settings on disk and now; new adapters and a first scorer are extensions."""
+    out = []
+    for key, now in current.items():
+        before = stored.get(key)
+        if key == "adapters":
+            out += [f"adapter {n}: the file changed" for n in now if n in (before or {}) and before[n] != now[n]]
+        elif key == "hps":
+            if before and now and before != now:
+                out += [f"hps {k}: {before.get(k)!r} before, {now.get(k)!r} now" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        elif isinstance(now, dict) and isinstance(before, dict):
+            out += [f"{key} {k}: {before.get(k)!r} before, {now.get(k)!r} now" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        elif before != now:
+            out.append(f"{key}: {before!r} before, {now!r} now")
+    return out
+
+
+def _read_records(path: Path) -> dict[str, dict]:
+    done = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            done[record["key"]] = record
+        except (json.JSONDecodeError, TypeError, KeyError) as error:
+            raise ValueError(f"{path} line {number}: not a record ({type(error).__name__}: {error}); fix or delete the file") from None
+    return done
+
+
+def _prepare_out_dir(out_dir: Path, current: dict, prompts: Sequence[Prompt], overwrite: bool) -> tuple[dict, dict]:
+    """(records already on disk, settings to store); raises ValueError when the folder holds other settings."""
+    records_path, settings_path = out_dir / "records.jsonl", out_dir / SETTINGS_NAME
+    if overwrite:
+        return {}, current
+    done = _read_records(records_path) if records_path.is_file() else {}
+    if not settings_path.is_file():
+        if done:
+            raise ValueError(f"{records_path} has no {SETTINGS_NAME} next to it (made by an older version): use a new output folder, or --overwrite / overwrite=True to discard it")
+        return done, current
+    try:
+        stored = json.loads(settings_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{settings_path}: not valid JSON ({error}); use a new output folder or --overwrite") from None
+    problems = _differences(stored, current)
+    for record in done.values():
+        index = record.get("prompt_index")
+        if isinstance(index, int) and index < len(prompts) and record.get("prompt") != prompts[index].prompt:
+            problems.append(f"prompt {index}: {record.get('prompt')!r} before, {prompts[index].prompt!r} now")
+            break
+    if problems:
+        raise ValueError(
+            f"{out_dir} holds results made with other settings ({'; '.join(problems)}): use a new output folder "
+            "(--output_dir), or --overwrite / overwrite=True to discard them"
+        )
+    merged = {**current, "adapters": {**stored.get("adapters", {}), **current["adapters"]}, "hps": stored.get("hps") or current["hps"]}
+    return done, merged
+
+
+def _clear_outputs(out_dir: Path) -> None:
+    """--overwrite: remove what earlier runs wrote here (and only that)."""
+    for name in OUTPUTS:
+        (out_dir / name).unlink(missing_ok=True)
+    for part in out_dir.glob("records.part*.jsonl"):
+        part.unlink()
+    for folder in ("images", "grids"):
+        if (out_dir / folder).is_dir():
+            shutil.rmtree(out_dir / folder)
+
+
+class _PipeState:
+    """Loads this run's adapters and gives the pipeline back as it came in (`restore`, also after a failure)."""
+
+    def __init__(self, pipe, files: Mapping[str, Path], kinds: Mapping[str, str]):
+        self.pipe, self.files, self.kinds = pipe, files, kinds
+        self.engine = pipe.shira_engine
+        self.prior_active, self.prior_enabled = list(self.engine.active), self.engine.enabled
+        self.shira_loaded: list[str] = []
+        self.lora_loaded = False
+        clash = [n for n, k in kinds.items() if k == "shira" and n in self.engine.alphas]
+        if clash:
+            raise ValueError(f"adapter {clash[0]}: the pipeline already has a SHiRA adapter of that name; unload it or rename --adapter")
+        if "lora" in kinds.values():
+            existing = {n for names in pipe.get_list_adapters().values() for n in names}
+            if existing or getattr(pipe, "num_fused_loras", 0):
+                raise ValueError(f"the pipeline already has LoRA adapters ({sorted(existing) or 'fused'}): unload them before evaluating LoRA files")
+
+    def load(self) -> None:
+        if not self.prior_enabled:
+            self.engine.set_enabled(True)
+        for name, path in self.files.items():  # each adapter is loaded once; switching never reloads anything
+            if self.kinds[name] == "shira":
+                self.pipe.load_shira_weights(path, adapter_name=name)
+                self.shira_loaded.append(name)
+            else:
+                self.lora_loaded = True  # set first: a half-done load is cleaned up too
+                self.pipe.load_lora_weights(str(path), adapter_name=name)
+
+    def activate(self, strengths: Mapping[str, float]) -> None:
+        shira = {n: s for n, s in strengths.items() if self.kinds[n] == "shira"}
+        lora = {n: s for n, s in strengths.items() if self.kinds[n] == "lora"}
+        self.pipe.set_shira_adapters(list(shira), list(shira.values()))
+        if lora:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters(list(lora), adapter_weights=list(lora.values()))
+        elif self.lora_loaded:
+            self.pipe.disable_lora()
+
+    def restore(self) -> None:
+        if self.lora_loaded:
+            self.pipe.unload_lora_weights()  # removes the LoRA layers: the modules are the original ones again
+        if self.shira_loaded:
+            self.pipe.unload_shira_weights(self.shira_loaded)  # bit-exact
+        self.engine.set_active({name: self.engine.alphas[name] for name in self.prior_active})
+        if self.engine.enabled != self.prior_enabled:
+            self.engine.set_enabled(self.prior_enabled)
 
 
 def run_evaluation(
@@ -119,90 +315,100 @@ def run_evaluation(
     height: int | None = None,
     width: int | None = None,
     model_id: str = "",
+    overwrite: bool = False,
+    extra_settings: Mapping[str, Any] | None = None,
 ) -> EvaluationResult:
-    """Run (or resume) an evaluation. `pipe` must have the SHiRA methods (`add_shira_support`)."""
+    """Run (or resume) an evaluation. `pipe` must have the SHiRA methods (`add_shira_support`); it is left as it
+    came in. `adapters` maps names to .safetensors files or training output folders; `extra_settings` (e.g.
+    revision, variant) are stored with the run settings and must match on resume.
+    Usage: run_evaluation(pipe, {"a": "a.safetensors"}, prompts, range(4), "eval", scorer=HPSv2Scorer())"""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     seeds = list(seeds)
-    kinds = {name: adapter_kind(path) for name, path in adapters.items()}
+    _check_names(adapters, fusions)
+    resolved = {name: resolve_adapter(name, path) for name, path in adapters.items()}
+    files, kinds = {n: f for n, (f, _) in resolved.items()}, {n: k for n, (_, k) in resolved.items()}
     for fusion in fusions:
         unknown = [n for n in fusion.names if n not in adapters]
         if unknown:
             raise ValueError(f"fusion {fusion.label}: unknown adapter {unknown[0]!r} (adapters: {sorted(adapters)})")
         if len({kinds[n] for n in fusion.names}) > 1:
             raise ValueError(f"fusion {fusion.label}: mixes SHiRA and LoRA adapters")
-    for name, path in adapters.items():  # each adapter is loaded once; switching never reloads anything
-        if kinds[name] == "shira":
-            pipe.load_shira_weights(path, adapter_name=name)
-        else:
-            pipe.load_lora_weights(str(path), adapter_name=name)
+    pipe_state = _PipeState(pipe, files, kinds)  # checks the pipeline before anything is written
     state = PartialState()
-    records_path = out_dir / "records.jsonl"
-    done = {}
-    if records_path.is_file():
-        for line in records_path.read_text().splitlines():
-            record = json.loads(line)
-            done[record["key"]] = record
-    work = [
-        (label, strengths, alpha, index, seed)
-        for label, strengths, alpha in _settings(list(adapters), fusions, alphas, include_base)
-        for index in range(len(prompts))
-        for seed in seeds
-        if _key(label, alpha, index, seed) not in done
-    ]
+    current = _run_settings(pipe, model_id, num_inference_steps, guidance_scale, height, width, files, scorer, extra_settings)
+    done, settings = _prepare_out_dir(out_dir, current, prompts, overwrite)  # every process checks, before any write
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if overwrite:
+            _clear_outputs(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / SETTINGS_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+    state.wait_for_everyone()
+
+    setting_list = _settings(list(adapters), fusions, alphas, include_base)
+    work = []
+    for label, strengths, alpha in setting_list:
+        for index in range(len(prompts)):
+            for seed in seeds:
+                record = done.get(_key(label, alpha, index, seed))
+                if record is None or (scorer is not None and record.get("score") is None):
+                    work.append((label, strengths, alpha, index, seed))
     version = getattr(scorer, "version", None)
     new_records, generated = [], 0
-    with state.split_between_processes(work) as share:
-        progress = tqdm(total=len(share), desc="images", disable=not state.is_local_main_process)
-        by_setting: dict[tuple, list] = {}
-        for item in share:
-            by_setting.setdefault((item[0], item[2]), []).append(item)
-        for (label, alpha), items in by_setting.items():
-            strengths = items[0][1]
-            _activate(pipe, strengths, kinds)
-            images, rows = [], []
-            for _, _, _, index, seed in items:
-                path = out_dir / "images" / label / f"alpha{alpha:g}" / f"p{index:03d}-s{seed}.png"
-                if path.is_file():
-                    image = Image.open(path).convert("RGB")
-                else:
-                    generator = torch.Generator(device="cpu").manual_seed(seed)
-                    image = pipe(prompts[index].prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                 height=height, width=width, generator=generator).images[0]
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    image.save(path)
-                    generated += 1
-                images.append(image)
-                rows.append({
-                    "key": _key(label, alpha, index, seed), "prompt": prompts[index].prompt, "prompt_index": index,
-                    "concept": prompts[index].concept, "seen": prompts[index].seen, "seed": seed, "alpha": alpha,
-                    "adapters": label, "weights": strengths, "model": model_id, "steps": num_inference_steps,
-                    "guidance": guidance_scale, "hps_version": version, "image": str(path.relative_to(out_dir)),
-                })
-                progress.update(1)
-            _deactivate(pipe, strengths, kinds)
-            if scorer is not None:
-                for row, score in zip(rows, scorer.score(images, [r["prompt"] for r in rows])):
-                    row["score"] = score
-            new_records += rows
-        progress.close()
+    try:
+        pipe_state.load()
+        with state.split_between_processes(work) as share:
+            progress = tqdm(total=len(share), desc="images", disable=not state.is_local_main_process)
+            by_setting: dict[tuple, list] = {}
+            for item in share:
+                by_setting.setdefault((item[0], item[2]), []).append(item)
+            for (label, alpha), items in by_setting.items():
+                strengths, active = items[0][1], False
+                images, rows = [], []
+                for _, _, _, index, seed in items:
+                    path = out_dir / "images" / label / f"alpha{alpha:g}" / f"p{index:03d}-s{seed}.png"
+                    if path.is_file():  # made by an earlier run with the same settings (run_settings.json)
+                        image = Image.open(path).convert("RGB")
+                    else:
+                        if not active:  # settings whose images all exist (re-scoring) never switch
+                            pipe_state.activate(strengths)
+                            active = True
+                        generator = torch.Generator(device="cpu").manual_seed(seed)
+                        image = pipe(prompts[index].prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                     height=height, width=width, generator=generator).images[0]
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        image.save(path)
+                        generated += 1
+                    images.append(image)
+                    rows.append({
+                        "key": _key(label, alpha, index, seed), "prompt": prompts[index].prompt, "prompt_index": index,
+                        "concept": prompts[index].concept, "seen": prompts[index].seen, "seed": seed, "alpha": alpha,
+                        "adapters": label, "weights": strengths, "model": model_id, "steps": num_inference_steps,
+                        "guidance": guidance_scale, "hps_version": version, "image": str(path.relative_to(out_dir)),
+                    })
+                    progress.update(1)
+                if scorer is not None:
+                    for row, score in zip(rows, scorer.score(images, [r["prompt"] for r in rows])):
+                        row["score"] = score
+                new_records += rows
+            progress.close()
+    finally:
+        pipe_state.restore()
     part = out_dir / f"records.part{state.process_index}.jsonl"
-    part.parent.mkdir(parents=True, exist_ok=True)
     part.write_text("".join(json.dumps(r) + "\n" for r in new_records))
     state.wait_for_everyone()
-    pipe.set_shira_adapters([])
-    result = EvaluationResult(out_dir, generated=generated)
+    result = EvaluationResult(out_dir, generated=generated, scored=sum("score" in r for r in new_records))
     if state.is_main_process:
         for index in range(state.num_processes):
             part = out_dir / f"records.part{index}.jsonl"
-            for line in part.read_text().splitlines():
-                record = json.loads(line)
-                done[record["key"]] = record
+            done.update(_read_records(part))
             part.unlink()
-        result.records = sorted(done.values(), key=lambda r: r["key"])
-        records_path.write_text("".join(json.dumps(r) + "\n" for r in result.records))
+        order = {(label, alpha): i for i, (label, _, alpha) in enumerate(setting_list)}
+        result.records = sorted(done.values(), key=lambda r: (order.get((r["adapters"], r["alpha"]), len(order)), r["adapters"], -r["alpha"], r["prompt_index"], r["seed"]))
+        (out_dir / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.records))
         result.summary = summarize_records(result.records)
         write_reports(out_dir, result.records, result.summary, prompts, seeds)
     state.wait_for_everyone()
@@ -210,7 +416,9 @@ def run_evaluation(
 
 
 def summarize_records(records: Sequence[Mapping]) -> list[dict]:
-    """Mean ± std (ddof=1) of the scores per (adapter set, alpha), in first-seen order."""
+    """Mean ± std (ddof=1) of the scores per (setting, alpha), in first-seen order (run_evaluation writes the
+    records base first, then per alpha each adapter and each fusion in the order given).
+    Usage: rows = summarize_records(result.records)"""
     groups: dict[tuple[str, float], list[float]] = {}
     for record in records:
         if record.get("score") is not None:
@@ -219,6 +427,31 @@ def summarize_records(records: Sequence[Mapping]) -> list[dict]:
         {"adapters": label, "alpha": alpha, "n": len(scores), "mean": statistics.fmean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else 0.0}
         for (label, alpha), scores in groups.items()
     ]
+
+
+def summary_markdown(records: Sequence[Mapping], summary: Sequence[Mapping]) -> str:
+    """The paper-format table: rows = settings, columns = alpha (the base score in each column); a plain note
+    when nothing is scored. Usage: text = summary_markdown(result.records, result.summary)"""
+    if not summary:
+        return (f"No HPSv2 scores yet: {len(records)} images were generated without scoring (--no_score). "
+                "Run the same command with a scorer (--hps_checkpoint, or the default checkpoint) to score them.\n")
+    alphas = sorted({row["alpha"] for row in summary if row["adapters"] != BASE}, reverse=True)
+    labels = list(dict.fromkeys(row["adapters"] for row in summary))
+    cell = {(row["adapters"], row["alpha"]): f"{row['mean']:.1f} ± {row['std']:.1f}" for row in summary}
+    version = next((r.get("hps_version") for r in records if r.get("hps_version")), None)
+    unscored = sum(r.get("score") is None for r in records)
+    lines = [f"HPSv2{f' {version}' if version else ''} x 100, mean ± std over images (n per cell in summary.csv)", ""]
+    columns = [f"α={a:g}" for a in alphas] or ["score"]
+    lines.append("| adapters | " + " | ".join(columns) + " |")
+    lines.append("|---|" + "---|" * len(columns))
+    for label in labels:
+        if label == BASE:
+            lines.append("| base | " + " | ".join(cell.get((BASE, 0.0), "") for _ in columns) + " |")
+        else:
+            lines.append(f"| {label} | " + " | ".join(cell.get((label, a), "") for a in alphas) + " |")
+    if unscored:
+        lines += ["", f"{unscored} images are not scored yet (generated with --no_score)."]
+    return "\n".join(lines) + "\n"
 
 
 def write_reports(out_dir: Path, records: Sequence[Mapping], summary: Sequence[Mapping], prompts: Sequence[Prompt], seeds: Sequence[int]) -> None:
@@ -233,22 +466,10 @@ def write_reports(out_dir: Path, records: Sequence[Mapping], summary: Sequence[M
         writer = csv.DictWriter(handle, ["adapters", "alpha", "n", "mean", "std"])
         writer.writeheader()
         writer.writerows(summary)
-    alphas = sorted({row["alpha"] for row in summary if row["adapters"] != BASE}, reverse=True)
-    labels = list(dict.fromkeys(row["adapters"] for row in summary))
-    cell = {(row["adapters"], row["alpha"]): f"{row['mean']:.1f} ± {row['std']:.1f}" for row in summary}
-    version = next((r.get("hps_version") for r in records if r.get("hps_version")), None)
-    lines = [f"HPSv2{f' {version}' if version else ''} x 100, mean ± std over images (n per cell in summary.csv)", ""]
-    lines.append("| adapters | " + " | ".join(f"α={a:g}" for a in alphas) + " |")
-    lines.append("|---|" + "---|" * len(alphas))
-    for label in labels:
-        if label == BASE:
-            lines.append("| base | " + " | ".join(cell.get((BASE, 0.0), "") for _ in alphas) + " |")
-        else:
-            lines.append(f"| {label} | " + " | ".join(cell.get((label, a), "") for a in alphas) + " |")
-    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "summary.md").write_text(summary_markdown(records, summary))
     _write_grids(out_dir, records, len(prompts), seeds)
     if summary:  # images generated without scoring have nothing to plot
-        _write_plot(out_dir, summary, alphas)
+        _write_plot(out_dir, summary)
 
 
 def _write_grids(out_dir: Path, records: Sequence[Mapping], prompt_count: int, seeds: Sequence[int]) -> None:
@@ -264,14 +485,15 @@ def _write_grids(out_dir: Path, records: Sequence[Mapping], prompt_count: int, s
         tiles = {key: {s: Image.open(out_dir / p).convert("RGB") for s, p in images.items()} for key, images in rows.items()}
         size = next(iter(next(iter(tiles.values())).values())).size
         grid = Image.new("RGB", (size[0] * len(seeds), size[1] * len(tiles)), "white")
-        for row, (_, images) in enumerate(sorted(tiles.items(), key=lambda item: (item[0][0] != BASE, item[0][0], -item[0][1]))):
+        labels = list(dict.fromkeys(label for label, _ in tiles))  # records come in setting order, base first
+        for row, (_, images) in enumerate(sorted(tiles.items(), key=lambda item: (labels.index(item[0][0]), -item[0][1]))):
             for column, seed in enumerate(seeds):
                 if seed in images:
                     grid.paste(images[seed].resize(size), (column * size[0], row * size[1]))
         grid.save(grid_dir / f"prompt{index:03d}.png")
 
 
-def _write_plot(out_dir: Path, summary: Sequence[Mapping], alphas: Sequence[float]) -> None:
+def _write_plot(out_dir: Path, summary: Sequence[Mapping]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
