@@ -86,6 +86,7 @@ def test_budgets_errors_and_cli(lora, tmp_path, capsys):
         (["convert", str(plain), str(out)], "no LoRA keys"),
         (["convert", str(lora / "pytorch_lora_weights.safetensors"), str(out), "--density", "1.5"], r"density must be in \(0, 1\]"),
         (["convert", str(lora / "pytorch_lora_weights.safetensors"), str(out), "--components", "transformer"], "no LoRA layers for component 'transformer'"),
+        (["convert", str(lora / "pytorch_lora_weights.safetensors"), str(out), "--pipeline", "Nope"], "'Nope' is not a diffusers pipeline class"),
     ]:
         assert main(argv) == 2
         assert re.search(message, capsys.readouterr().err), message

@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--match-params", action="store_true", help="keep as many entries per layer as the LoRA has parameters")
     parser.add_argument("--components", nargs="+", help="only these components (e.g. unet text_encoder)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp16", help="stored value dtype (default fp16: 4 bytes/parameter)")
+    parser.add_argument("--pipeline", default="StableDiffusionXLPipeline",
+                        help="diffusers pipeline class whose lora_state_dict reads the file (default reads SD 1.x / SDXL / "
+                             "diffusers-format Flux and SD3 files; e.g. FluxPipeline for Kohya / XLabs Flux LoRAs)")
     parser.add_argument("--quiet", action="store_true", help="print only the overall error")
 
 
@@ -27,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..convert import lora_to_shira
 
-    adapter, report = lora_to_shira(args.lora_file, density=None if args.match_params else args.density, match_params=args.match_params, components=args.components)
+    adapter, report = lora_to_shira(args.lora_file, density=None if args.match_params else args.density, match_params=args.match_params, components=args.components,
+                                   pipeline=args.pipeline)
     adapter.to(getattr(torch, DTYPES[args.dtype])).save(args.out_file)
     print(f"overall relative Frobenius error {report.overall:.4f}" if args.quiet else report.table())
     print(f"wrote {args.out_file}: {adapter.num_parameters:,} parameters, density {adapter.density:.4%}")
