@@ -141,9 +141,11 @@ class ScatterEngine:
         for component, param_name, delta in adapter.items():
             key = f"{component}.{param_name}"
             if component not in by_name and component in self.components:
-                module = self.components[component]
-                canonical = {id(p): n for n, p in module.named_parameters()}  # the first name of each tensor
-                by_name[component] = (dict(module.named_parameters(remove_duplicate=False)), canonical)
+                every, canonical = {}, {}
+                for n, p in self.components[component].named_parameters(remove_duplicate=False):
+                    every[n] = p
+                    canonical.setdefault(id(p), n)  # the first name of each tensor, as named_parameters() gives it
+                by_name[component] = (every, canonical)
             parameters, canonical = by_name.get(component, ({}, {}))
             parameter = next((parameters[n] for n in _spellings(param_name) if n in parameters), None)
             if parameter is None:
