@@ -87,7 +87,6 @@ class _Target:
     entries: dict[str, _Entry] = field(default_factory=dict)
 
 
-
 class ScatterEngine:
     """Owns the adapters loaded into a set of modules and every write into their weights.
 
