@@ -73,6 +73,7 @@ class _Entry:
 
     positions: torch.Tensor  # int64, sorted
     deltas: torch.Tensor  # fp32: the accumulation dtype, so a write does no per-adapter cast
+    key: str  # "<component>.<weight>" as the adapter names it: what its per-prefix strengths are matched against
     slots: torch.Tensor | None = None  # index into the target's union; None when it *is* the union
 
 
@@ -218,10 +219,11 @@ class ScatterEngine:
             strength = self.check_strength(name, alpha, adapter)
             uniform = isinstance(strength, float)
             fresh, joined = [], []  # weights nothing touched yet / weights other adapters already touch
-            for (_, _, delta), (key, parameter) in zip(adapter.items(), parameters):
+            for (component, param_name, delta), (key, parameter) in zip(adapter.items(), parameters):
                 self._bring_to(key, parameter)
                 device = parameter.device
-                entry = _Entry(delta.positions.to(device=device, dtype=torch.int64), delta.deltas.to(device=device, dtype=torch.float32))
+                entry = _Entry(delta.positions.to(device=device, dtype=torch.int64), delta.deltas.to(device=device, dtype=torch.float32),
+                               f"{component}.{param_name}")
                 target = self.targets.get(key)
                 if target is None:
                     fresh.append((key, parameter, entry))
@@ -336,10 +338,10 @@ class ScatterEngine:
             same = entry.positions.numel() == target.positions.numel()
             entry.slots = None if same else torch.searchsorted(target.positions, entry.positions)
 
-    def _values(self, key: str, target: _Target) -> torch.Tensor:
+    def _values(self, target: _Target) -> torch.Tensor:
         """What the weight should hold at the target's positions: W0 + sum of the active adapters' alpha * S."""
         active = [(name, self.alphas[name]) for name in self.active] if self.enabled else []
-        entries = [(target.entries[name], _alpha(strength, key)) for name, strength in active if name in target.entries]
+        entries = [(target.entries[name], _alpha(strength, target.entries[name].key)) for name, strength in active if name in target.entries]
         if not entries:
             return target.backup
         values = target.backup.to(torch.float32, copy=True)  # never accumulate into the backup
@@ -355,7 +357,7 @@ class ScatterEngine:
         targets = [self.targets[key] for key in keys]
         for key, target in zip(keys, targets):
             self._bring_to(key, target.parameter)
-        values = [self._values(key, target) for key, target in zip(keys, targets)]
+        values = [self._values(target) for target in targets]
         with torch.no_grad():
             olds, changed = kernels.exchange([(t.parameter.data, t.positions, v, t.written) for t, v in zip(targets, values)])
         moved = [i for i, flag in enumerate(changed) if flag]
@@ -365,7 +367,7 @@ class ScatterEngine:
             wide = torch.promote_types(old.dtype, torch.float64)  # one rounding: the cast back
             rebased = (target.backup.to(wide) + (old.to(wide) - target.written.to(wide))).to(old.dtype)
             target.backup = torch.where(differs, rebased, target.backup)
-            values[i] = self._values(keys[i], target)
+            values[i] = self._values(target)
         if moved:
             with torch.no_grad():
                 kernels.scatter([(targets[i].parameter.data, targets[i].positions, values[i]) for i in moved])

@@ -414,7 +414,8 @@ def _decode_torch(gaps: torch.Tensor, hi_index: torch.Tensor, hi: torch.Tensor, 
     problems = [(int(found[0]), kind) for found, kind in ((torch.nonzero(full == 0), ZERO_GAP),
                 (torch.nonzero(~torch.isfinite(deltas)), NONFINITE), (outside, OUT_OF_RANGE)) if found.numel()]
     if problems:
-        index, kind = min(problems)  # the first by index, as the compiled loop finds it
+        # the first by index, and at one index in the compiled loop's order: zero gap, non-finite, out of range
+        index, kind = min(problems, key=lambda problem: (problem[0], (ZERO_GAP, NONFINITE, OUT_OF_RANGE).index(problem[1])))
         if kind == OUT_OF_RANGE:
             return positions, (kind, (int(positions[index - 1]) if index else -1) + int(full[index]))
         return positions, (kind, index)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,18 +46,43 @@ from .format import (
 
 AdapterSource = str | os.PathLike | ShiraAdapter | Mapping[str, torch.Tensor]
 
-# module -> the engine that writes into it. Two engines over one module would each restore "their" original and
-# undo the other's writes, so a pipeline built around modules another pipeline already serves joins its engine.
-_ENGINES: weakref.WeakKeyDictionary[nn.Module, ScatterEngine] = weakref.WeakKeyDictionary()
+# module -> (a weak reference to) the engine that writes into it. Two engines over one module would each restore
+# "their" original and undo the other's writes, so a pipeline built around modules another pipeline already serves
+# joins its engine. Weak both ways: the registry keeps neither a pipeline's models nor its engine alive.
+_ENGINES: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+_ENGINES_LOCK = threading.Lock()  # two pipelines resolving their engines at once must not make two
 
 
-def _shared_engine(modules: Mapping[str, nn.Module]) -> ScatterEngine:
-    """The engine serving any of `modules` if it names none of them differently, else a new one."""
+def _owner(module: nn.Module) -> ScatterEngine | None:
+    reference = _ENGINES.get(module)
+    return None if reference is None else reference()
+
+
+def _engine_for(cached: ScatterEngine | None, modules: Mapping[str, nn.Module]) -> ScatterEngine:
+    """The pipeline's engine: its own, else one serving some of its modules under the same names, else a new one.
+    A module another engine holds adapters in is refused (one writer per weight); an idle one is taken over."""
+    engine = cached
+    if engine is None:
+        serving = [owner for module in modules.values() if (owner := _owner(module)) is not None]
+        engine = next((e for e in serving if all(e.components.get(n, m) is m for n, m in modules.items())), None) or ScatterEngine(modules)
+    for name, module in modules.items():
+        other = _owner(module)
+        if other is not None and other is not engine and any(other.components.get(k.partition(".")[0]) is module for k in other.targets):
+            raise ShiraLoadError(
+                f"pipeline component {name!r} holds SHiRA adapters loaded through another pipeline ({sorted(other.adapters)}); "
+                "unload them there first, or make this pipeline with from_pipe so that both share the adapters"
+            )
+    for key in engine.targets:
+        component = key.partition(".")[0]
+        if component in modules and modules[component] is not engine.components[component]:
+            raise ShiraLoadError(
+                f"pipeline component {component!r} was replaced while SHiRA adapters were loaded into it; "
+                "unload them before swapping components"
+            )
+    engine.components.update(modules)
     for module in modules.values():
-        engine = _ENGINES.get(module)
-        if engine is not None and all(engine.components.get(name, module) is module for name, module in modules.items()):
-            return engine
-    return ScatterEngine(modules)
+        _ENGINES[module] = weakref.ref(engine)
+    return engine
 
 
 def _from_file(path: Path, component: str | None, shapes_of) -> ShiraAdapter:
@@ -202,18 +228,8 @@ class ShiraLoaderMixin:
     def shira_engine(self) -> ScatterEngine:
         """The engine holding this pipeline's adapters: one per set of modules, so pipelines sharing them (diffusers'
         `from_pipe`, AutoPipeline*) share the loaded adapters."""
-        modules = self._shira_modules()
-        engine = self.__dict__.get("_shira_engine") or _shared_engine(modules)
-        for key in engine.targets:
-            component = key.partition(".")[0]
-            if component in modules and modules[component] is not engine.components[component]:
-                raise ShiraLoadError(
-                    f"pipeline component {component!r} was replaced while SHiRA adapters were loaded into it; "
-                    "unload them before swapping components"
-                )
-        engine.components.update(modules)
-        for module in modules.values():
-            _ENGINES[module] = engine
+        with _ENGINES_LOCK:
+            engine = _engine_for(self.__dict__.get("_shira_engine"), self._shira_modules())
         self.__dict__["_shira_engine"] = engine
         return engine
 
@@ -273,6 +289,10 @@ class ShiraLoaderMixin:
                     raise ShiraLoadError(f"adapter has no component {component!r} (it has {adapter.components})")
                 adapter = ShiraAdapter({component: adapter.deltas[component]}, adapter.mask_type, adapter.default_alpha, adapter.base_model, adapter.extra)
             engine = self.shira_engine
+            foreign = [c for c in adapter.components if c not in self._shira_modules()]
+            if foreign:  # the engine may also serve another pipeline's components (shared modules)
+                raise ShiraLoadError(f"adapter targets component {foreign[0]!r}, which this pipeline does not have "
+                                     f"(it has {sorted(self._shira_modules())})")
             if adapter_name is None:
                 index = len(engine.alphas)
                 while f"default_{index}" in engine.alphas:
@@ -300,25 +320,24 @@ class ShiraLoaderMixin:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if len(set(names)) != len(names):
             raise ShiraLoadError(f"adapter names repeat: {names}")
-        if weights is None:
-            engine.check_names(names)
-            values = [engine.alphas[n] for n in names]
-        elif isinstance(weights, Sequence) and not isinstance(weights, str):
-            values = list(weights)
-            if len(values) != len(names):
-                raise ShiraLoadError(f"{len(names)} adapter names but {len(values)} weights")
-        else:  # one strength for all (the engine checks that it is one)
-            values = [weights] * len(names)
-        engine.set_active({name: _expand_blocks(name, value, engine.components) for name, value in zip(names, values)})
+        with engine.lock:  # each one's last strength, as it is when the switch runs
+            if weights is None:
+                engine.check_names(names)
+                values = [engine.alphas[n] for n in names]
+            elif isinstance(weights, Sequence) and not isinstance(weights, str):
+                values = list(weights)
+                if len(values) != len(names):
+                    raise ShiraLoadError(f"{len(names)} adapter names but {len(values)} weights")
+            else:  # one strength for all (the engine checks that it is one)
+                values = [weights] * len(names)
+            engine.set_active({name: _expand_blocks(name, value, engine.components) for name, value in zip(names, values)})
 
     def unload_shira_weights(self, adapter_names: str | Sequence[str] | None = None) -> None:
         """Remove some adapters, or all (then every weight is the original, bit for bit, backup freed)."""
         engine = self.shira_engine
-        if adapter_names is None:
-            names = list(engine.alphas)
-        else:
-            names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        engine.remove(names)
+        with engine.lock:  # "all" must mean the adapters loaded when the removal runs
+            names = list(engine.alphas) if adapter_names is None else [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+            engine.remove(names)
 
     def disable_shira(self) -> None:
         """Show the base weights; adapters stay loaded. Usage: pipe.disable_shira(); ...; pipe.enable_shira()"""

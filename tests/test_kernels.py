@@ -118,10 +118,11 @@ def test_decode_finds_the_first_problem_of_each_tensor(path, dtype):
         (*encoded([1, 5, 9], torch.ones(3, dtype=dtype)), 9),  # 9 is out of a 9-entry weight
         (torch.tensor([2, 0, 4], dtype=torch.int32).to(torch.uint16), torch.zeros(0, dtype=torch.int64),
          torch.zeros(0, dtype=torch.int64), torch.ones(3, dtype=dtype), 100),
+        (*encoded([1, 105], torch.tensor([1.0, float("nan")]).to(dtype)), 100),  # entry 1 is both: non-finite is named
     ]
     positions, problems = kernels.decode(jobs)
     assert positions[0].tolist() == far
-    assert problems == [(0, 0), (kernels.NONFINITE, 1), (kernels.OUT_OF_RANGE, 9), (kernels.ZERO_GAP, 1)]
+    assert problems == [(0, 0), (kernels.NONFINITE, 1), (kernels.OUT_OF_RANGE, 9), (kernels.ZERO_GAP, 1), (kernels.NONFINITE, 1)]
 
 
 @pytest.mark.parametrize("compiled", [True, False])

@@ -370,6 +370,32 @@ def test_pipelines_sharing_modules_share_one_engine(sd):
     assert_unchanged(img2img, before)
 
 
+def test_one_writer_per_module_and_no_registry_leak():
+    import gc
+    import weakref
+
+    from shira_diffusion.testing import tiny_components
+
+    first = tiny_pipeline("sd")
+    before = snapshot(first)
+    other = ShiraStableDiffusionPipeline(**{**tiny_components("sd", seed=5), "unet": first.unet})  # its own text encoder
+    first.load_shira_weights(random_adapter(first, 1), adapter_name="a")
+    with pytest.raises(ShiraLoadError, match="'unet' holds SHiRA adapters loaded through another pipeline \\(\\['a'\\]\\)"):
+        other.load_shira_weights(random_adapter(first, 2, ("unet",)), adapter_name="b")
+    no_text_encoder = ShiraStableDiffusionPipeline(**{**first.components, "text_encoder": None})  # joins first's engine
+    with pytest.raises(ShiraLoadError, match="adapter targets component 'text_encoder', which this pipeline does not have"):
+        no_text_encoder.load_shira_weights(random_adapter(first, 3, ("text_encoder",)))
+    first.unload_shira_weights()
+    other.load_shira_weights(random_adapter(first, 2, ("unet",)), adapter_name="b")  # the UNet is free again
+    other.unload_shira_weights()
+    assert_unchanged(first, before)
+
+    unet = weakref.ref(first.unet)
+    del first, other, no_text_encoder
+    gc.collect()
+    assert unet() is None  # the engine registry keeps no model alive
+
+
 def test_component_wrapped_by_torch_compile_after_loading_keeps_working(sd):
     before = snapshot(sd)
     unet = sd.unet
@@ -475,6 +501,9 @@ def test_tied_weights_are_one_target_whatever_name_an_adapter_uses():
     pipe.unload_shira_weights(["b", "a"])
     assert_unchanged(pipe, before)
 
+    pipe.load_shira_weights(by_alias, adapter_name="b", alpha={"text_encoder_2": {"encoder": 0.0}})  # the adapter's own name
+    assert torch.equal(t5.shared.weight.detach().view(-1)[:4], original)
+    pipe.unload_shira_weights()
     both = ShiraAdapter({"text_encoder_2": {**by_first.deltas["text_encoder_2"], **by_alias.deltas["text_encoder_2"]}})
     with pytest.raises(ShiraLoadError, match="are the same \\(tied\\) weight"):
         pipe.load_shira_weights(both)
