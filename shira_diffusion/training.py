@@ -301,7 +301,10 @@ def _load_models(config: TrainingConfig, model_path: str):
         return model_class.from_pretrained(model_path, subfolder=subfolder, variant=config.variant, **kw)
 
     suffixes = ["", "_2"] if is_sdxl else [""]
-    tokenizers = [transformers.AutoTokenizer.from_pretrained(model_path, subfolder=f"tokenizer{s}", **kw) for s in suffixes]
+    # The class model_index.json names (CLIPTokenizer): AutoTokenizer would look for a config.json these repos lack,
+    # which fails offline even with the model in the Hub cache.
+    tokenizer_classes = [getattr(transformers, (index.get(f"tokenizer{s}") or [None, "AutoTokenizer"])[1]) for s in suffixes]
+    tokenizers = [cls.from_pretrained(model_path, subfolder=f"tokenizer{s}", **kw) for cls, s in zip(tokenizer_classes, suffixes)]
     defaults = ["CLIPTextModel", "CLIPTextModelWithProjection"]
     text_encoders = [text_encoder(f"text_encoder{s}", d) for s, d in zip(suffixes, defaults)]
     if config.pretrained_vae_model_name_or_path:  # e.g. SDXL's fp16-safe VAE, as diffusers' SDXL scripts take it
@@ -619,7 +622,9 @@ def train(config: TrainingConfig) -> TrainingResult:
     train_seconds, steps_timed, tick = 0.0, 0, time.perf_counter()
     for epoch in range(first_epoch, epochs):
         order.manual_seed(config.seed + epoch)
-        dataset.set_epoch(epoch)
+        # accelerate's loader sets the dataset's epoch (crops, flips) from its own counter when an iteration starts,
+        # a counter that restarts at 0 in a resumed process: set the counter itself
+        dataloader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == first_epoch and skip_batches else dataloader
         for model in models:
             model.train()

@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import os
 import shutil
 from pathlib import Path
 
@@ -280,7 +281,7 @@ def test_shira_budget_r_matches_lora_rank_r_parameter_count():
 
 
 def test_resumed_run_ends_with_the_same_adapter(setup):
-    settings = dict(mask="snip", max_train_steps=6, checkpointing_steps=2, train_batch_size=2)  # 3 steps per epoch
+    settings = dict(mask="snip", max_train_steps=6, checkpointing_steps=2, train_batch_size=2, random_flip=True)  # 3 steps per epoch
     full = train(config(setup, "resume_full", checkpoints_total_limit=2, **settings))
     assert sorted(p.name for p in full.output_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # pruned
     interrupted = config(setup, "resume_cut", **settings)
@@ -679,3 +680,27 @@ def test_two_process_data_parallel_run_sparse_and_hook_agree(setup, tmp_path):
     np.testing.assert_allclose(losses["sparse"], losses["hook"], rtol=1e-4)
     for (_, _, a), (_, _, b) in zip(adapters["sparse"].items(), adapters["hook"].items(), strict=True):
         assert torch.equal(a.positions, b.positions) and torch.allclose(a.deltas, b.deltas, atol=2e-5)
+
+
+def test_trains_from_a_hub_id_in_the_cache_while_offline(setup, tmp_path):
+    # huggingface_hub's cache layout, HF_HUB_OFFLINE=1 (read at import: a fresh process). The tokenizer class comes
+    # from model_index.json; AutoTokenizer would look for a config.json SD repos lack and fail offline.
+    import subprocess
+    import sys
+
+    commit = "a" * 40
+    repo = tmp_path / "hub" / "models--someone--tiny-sd"
+    shutil.copytree(setup["model"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    script = (
+        "from shira_diffusion.training import TrainingConfig, train\n"
+        f"result = train(TrainingConfig(pretrained_model_name_or_path='someone/tiny-sd', train_data_dir={setup['data']!r}, "
+        f"output_dir={str(tmp_path / 'out')!r}, resolution=32, center_crop=True, train_batch_size=2, max_train_steps=1, "
+        "density=0.2, report_to='none', checkpointing_steps=0, calibration_batches=1))\n"
+        "print('adapter', result.adapter_path.name)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path / "hub")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "adapter shira_weights.safetensors" in done.stdout
