@@ -192,6 +192,7 @@ def run_demo(config: DemoConfig) -> dict:
     results["fusion_retention"] = retention
     stages.update()
 
+    stages.set_postfix_str("report")
     results["hpsv2"] = {"skipped": hps_note} if scorer is None else {"pending": "scoring"}
     (out / "results.json").write_text(json.dumps(results, indent=2))  # written before scoring: nothing is lost if it fails
     (out / "report.md").write_text(_report(results))
@@ -199,6 +200,7 @@ def run_demo(config: DemoConfig) -> dict:
         results["hpsv2"] = _hps(config, pipe, trained, prompts, scorer.to(device))
         (out / "results.json").write_text(json.dumps(results, indent=2))
         (out / "report.md").write_text(_report(results))
+    stages.update()
     stages.close()
     return results
 

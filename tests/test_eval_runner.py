@@ -139,6 +139,11 @@ def test_resume_refuses_other_settings_and_overwrite_starts_over(files, pipe, tm
     assert more.generated == 3
     extended = run_evaluation(pipe, {**adapters, "b": files / "b.safetensors"}, PROMPTS, out_dir=tmp_path / "x", **{**FAST, "seeds": [0, 1]})
     assert extended.generated == 3 and len(extended.records) == 6  # new adapters and seeds extend a run
+    narrowed = run_evaluation(pipe, adapters, PROMPTS, out_dir=tmp_path / "x", **FAST)  # fewer adapters and seeds
+    assert narrowed.generated == 0 and {(r["adapters"], r["seed"]) for r in narrowed.records} == {("base", 0), ("a", 0)}
+    assert len((tmp_path / "x" / "records.jsonl").read_text().splitlines()) == 6  # the rest stays for later runs
+    with pytest.raises(ValueError, match=r"prompt 0 \('a fox'\): concept None, seen None before, concept 'animals', seen None now"):
+        run_evaluation(pipe, adapters, [Prompt("a fox", concept="animals")], out_dir=tmp_path / "x", **FAST)
     redone = run_evaluation(pipe, adapters, PROMPTS, out_dir=tmp_path, overwrite=True, **{**FAST, "num_inference_steps": 2})
     assert redone.generated == 2 and {r["steps"] for r in redone.records} == {2}
     assert json.loads((tmp_path / "run_settings.json").read_text())["hps"] is None

@@ -229,9 +229,15 @@ def _prepare_out_dir(out_dir: Path, current: dict, prompts: Sequence[Prompt], ov
     problems = _differences(stored, current)
     for record in done.values():
         index = record.get("prompt_index")
-        if isinstance(index, int) and index < len(prompts) and record.get("prompt") != prompts[index].prompt:
-            problems.append(f"prompt {index}: {record.get('prompt')!r} before, {prompts[index].prompt!r} now")
-            break
+        if isinstance(index, int) and index < len(prompts):
+            now = prompts[index]
+            if record.get("prompt") != now.prompt:
+                problems.append(f"prompt {index}: {record.get('prompt')!r} before, {now.prompt!r} now")
+                break
+            if (record.get("concept"), record.get("seen")) != (now.concept, now.seen):  # the summary groups by them
+                problems.append(f"prompt {index} ({now.prompt!r}): concept {record.get('concept')!r}, seen {record.get('seen')!r} "
+                                f"before, concept {now.concept!r}, seen {now.seen!r} now")
+                break
     if problems:
         raise ValueError(
             f"{out_dir} holds results made with other settings ({'; '.join(problems)}): use a new output folder "
@@ -349,10 +355,11 @@ def run_evaluation(
     state.wait_for_everyone()
 
     setting_list = _settings(list(adapters), fusions, alphas, include_base)
-    work = []
+    work, requested = [], set()
     for label, strengths, alpha in setting_list:
         for index in range(len(prompts)):
             for seed in seeds:
+                requested.add(_key(label, alpha, index, seed))
                 record = done.get(_key(label, alpha, index, seed))
                 if record is None or (scorer is not None and record.get("score") is None):
                     work.append((label, strengths, alpha, index, seed))
@@ -407,8 +414,9 @@ def run_evaluation(
             done.update(_read_records(part))
             part.unlink()
         order = {(label, alpha): i for i, (label, _, alpha) in enumerate(setting_list)}
-        result.records = sorted(done.values(), key=lambda r: (order.get((r["adapters"], r["alpha"]), len(order)), r["adapters"], -r["alpha"], r["prompt_index"], r["seed"]))
-        (out_dir / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.records))
+        everything = sorted(done.values(), key=lambda r: (order.get((r["adapters"], r["alpha"]), len(order)), r["adapters"], -r["alpha"], r["prompt_index"], r["seed"]))
+        (out_dir / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in everything))  # all, for later runs
+        result.records = [r for r in everything if r["key"] in requested]  # the reports cover what this call asked for
         result.summary = summarize_records(result.records)
         write_reports(out_dir, result.records, result.summary, prompts, seeds)
     state.wait_for_everyone()
