@@ -289,10 +289,10 @@ class ShiraLoaderMixin:
                     raise ShiraLoadError(f"adapter has no component {component!r} (it has {adapter.components})")
                 adapter = ShiraAdapter({component: adapter.deltas[component]}, adapter.mask_type, adapter.default_alpha, adapter.base_model, adapter.extra)
             engine = self.shira_engine
-            foreign = [c for c in adapter.components if c not in self._shira_modules()]
+            own = self._shira_modules()
+            foreign = [c for c in adapter.components if c not in own]
             if foreign:  # the engine may also serve another pipeline's components (shared modules)
-                raise ShiraLoadError(f"adapter targets component {foreign[0]!r}, which this pipeline does not have "
-                                     f"(it has {sorted(self._shira_modules())})")
+                raise ShiraLoadError(f"adapter targets component {foreign[0]!r}, which this pipeline does not have (it has {sorted(own)})")
             if adapter_name is None:
                 index = len(engine.alphas)
                 while f"default_{index}" in engine.alphas:
