@@ -236,7 +236,7 @@ class ScatterEngine:
                     backups = writtens = kernels.gather([(p.data, e.positions) for _, p, e in fresh])
             for (key, parameter, entry), backup, written in zip(fresh, backups, writtens):
                 self.targets[key] = _Target(parameter, entry.positions, backup, written, {name: entry})
-            self._grow([(target, entry.positions) for _, target, entry in joined])
+            unread = self._grow([(key, entry.positions) for key, _, entry in joined])
             for _, target, entry in joined:
                 target.entries[name] = entry
                 self._reslot(target)
@@ -245,7 +245,7 @@ class ScatterEngine:
             if activate:
                 self.active.append(name)
             rewrite = [key for key, _, _ in joined] + ([] if uniform or not activate else [key for key, _, _ in fresh])
-            self._write(rewrite)  # joined weights: the sum with the others; fresh ones at a non-uniform strength
+            self._write(rewrite, unread)  # joined weights: the sum with the others; fresh ones at a non-uniform strength
 
     def set_active(self, weights: Mapping[str, float | Mapping[str, float]]) -> None:
         """Exactly these adapters active, at these strengths (multi-adapter fusion); a strength is a float or
@@ -258,6 +258,88 @@ class ScatterEngine:
             self.alphas.update(strengths)
             self.active = names
             self._write(self._keys_of(before | set(names)))
+
+    def replace(self, name: str, adapter: ShiraAdapter, alpha: float | Mapping, validated: bool = False) -> None:
+        """Hotswap: the loaded adapter `name` becomes `adapter` at strength `alpha`, keeping its name and its place
+        among the active adapters (inactive stays inactive). Any target set; checked before any write. Where no
+        other adapter shares its weights (the usual style switch), one pass over them restores the old positions
+        and writes the new ones: what `remove` then `add` do in two.
+        Usage: engine.replace("style", other_adapter, 1.0)"""
+        with self.lock:
+            self.check_names([name])
+            parameters = self.check(adapter, None, validated)
+            strength = self.check_strength(name, alpha, adapter)
+            leaving = self._keys_of({name})
+            self._check_layout(leaving)
+            for key in leaving:
+                self._bring_to(key, self.targets[key].parameter)
+            arriving: dict[str, tuple[nn.Parameter, _Entry]] = {}
+            for (component, param_name, delta), (key, parameter) in zip(adapter.items(), parameters):
+                self._bring_to(key, parameter)
+                device = parameter.device
+                arriving[key] = (parameter, _Entry(delta.positions.to(device=device, dtype=torch.int64),
+                                                   delta.deltas.to(device=device, dtype=torch.float32), f"{component}.{param_name}"))
+            alone = all(self.targets[key].entries.keys() <= {name} for key in {*leaving, *arriving} if key in self.targets)
+            self.alphas[name], self.adapters[name] = strength, adapter
+            if alone and self.enabled and name in self.active:
+                self._swap_alone(name, leaving, arriving)
+                return
+            for key in leaving:
+                del self.targets[key].entries[name]
+            unread = {}
+            for key, (parameter, entry) in arriving.items():
+                if key not in self.targets:  # nothing there yet: every position is read by the write
+                    placeholder = torch.full_like(entry.positions, -0.0, dtype=parameter.dtype)
+                    self.targets[key] = _Target(parameter, entry.positions, placeholder, placeholder.clone())
+                    unread[key] = torch.ones_like(entry.positions, dtype=torch.bool)
+            unread.update(self._grow([(key, entry.positions) for key, (_, entry) in arriving.items() if key not in unread]))
+            for key, (_, entry) in arriving.items():
+                self.targets[key].entries[name] = entry
+            keys = list(dict.fromkeys([*leaving, *arriving]))
+            for key in keys:
+                self._reslot(self.targets[key])
+            self._write(keys, unread)
+            self._shrink(leaving)
+
+    def _swap_alone(self, name: str, leaving: list[str], arriving: Mapping[str, tuple[nn.Parameter, _Entry]]) -> None:
+        """`replace` on weights only `name` holds, active: one `kernels.switch` pass; each target then holds
+        exactly the new adapter's positions."""
+        keys = list(dict.fromkeys([*leaving, *arriving]))
+        jobs, alphas = [], []
+        for key in keys:
+            target, (parameter, entry) = self.targets.get(key), arriving.get(key, (None, None))
+            weight = (target.parameter if target is not None else parameter).data
+            no_positions, no_values = torch.empty(0, dtype=torch.int64, device=weight.device), weight.new_empty(0)
+            old = (target.positions, target.backup, target.written) if target is not None else (no_positions, no_values, no_values)
+            new = (entry.positions, entry.deltas) if entry is not None else (no_positions, no_values.float())
+            jobs.append((weight, *old, *new))
+            alphas.append(_alpha(self.alphas[name], entry.key) if entry is not None else 1.0)
+        with torch.no_grad():
+            olds, changed, backups, writtens = kernels.switch(jobs, alphas)
+        for i in (i for i, flag in enumerate(changed) if flag):
+            backups[i], writtens[i] = self._keep_other_writes(jobs[i], olds[i], backups[i], writtens[i], alphas[i])
+        for key, (weight, *_), backup, written in zip(keys, jobs, backups, writtens):
+            if key not in arriving:
+                del self.targets[key]  # releases the backup memory
+                continue
+            parameter, entry = arriving[key]
+            self.targets[key] = _Target(parameter, entry.positions, backup, written, {name: entry})
+
+    @staticmethod
+    def _keep_other_writes(job: tuple, old: torch.Tensor, backup: torch.Tensor, written: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """After a switch pass found another writer's changes at leaving positions (as `_write` does): they stay in
+        the weight as a change of the base, also under the arriving adapter. Returns the arriving (backup, written)."""
+        weight, leaving, leaving_backup, expected, arriving, deltas = job
+        differs = kernels.as_bits(old) != kernels.as_bits(expected)
+        wide = torch.promote_types(old.dtype, torch.float64)  # one rounding: the cast back
+        rebased = torch.where(differs, (leaving_backup.to(wide) + (old.to(wide) - expected.to(wide))).to(old.dtype), leaving_backup)
+        shared_out, shared_in = torch.isin(leaving, arriving), torch.isin(arriving, leaving)
+        backup, written = backup.clone(), written.clone()
+        backup[shared_in] = rebased[shared_out]
+        sums = kernels.add_scaled(rebased[shared_out].to(torch.promote_types(old.dtype, torch.float32)), deltas[shared_in], alpha)
+        written[shared_in] = sums.to(old.dtype)
+        kernels.scatter([(weight, leaving[~shared_out], rebased[~shared_out]), (weight, arriving[shared_in], written[shared_in])])
+        return backup, written
 
     def remove(self, names: Iterable[str]) -> None:
         """Unload adapters: their positions go back to the original values; backups shrink or go."""
@@ -273,14 +355,7 @@ class ScatterEngine:
                 for name in gone:
                     self.targets[key].entries.pop(name, None)
             self._write(keys)  # the originals where only the removed adapters wrote, the others' sum elsewhere
-            for key in keys:
-                target = self.targets[key]
-                if not target.entries:
-                    del self.targets[key]  # releases the backup memory
-                    continue
-                keep = torch.isin(target.positions, torch.cat([e.positions for e in target.entries.values()]))
-                target.positions, target.backup, target.written = target.positions[keep], target.backup[keep], target.written[keep]
-                self._reslot(target)
+            self._shrink(keys)
 
     def set_enabled(self, enabled: bool) -> None:
         """Disable: every touched weight shows its original values; enable: the active set again."""
@@ -315,21 +390,38 @@ class ScatterEngine:
             entry.positions, entry.deltas = entry.positions.to(weight.device), entry.deltas.to(weight.device)
             entry.slots = None if entry.slots is None else entry.slots.to(weight.device)
 
-    def _grow(self, growing: list[tuple[_Target, torch.Tensor]]) -> None:
-        """Widen each target's union and backup to new positions (read in one batched gather)."""
-        # Positions new to the union have never been written, so the live weight still holds W0 there.
-        unions = []
-        for target, positions in growing:
+    def _grow(self, growing: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Widen targets' unions to new positions without reading the weights; returns {key: which union positions
+        are new}. The next `_write` reads the originals there (the live weight still holds W0 at positions never
+        written) while it writes: until then their backup is -0.0, the sum's identity (-0.0 + x is x, even -0.0)."""
+        unread = {}
+        for key, positions in growing:
+            target = self.targets[key]
             new = positions[~torch.isin(positions, target.positions)]
-            unions.append(torch.cat([target.positions, new]).sort().values if new.numel() else None)
-        jobs = [(target, union) for (target, _), union in zip(growing, unions) if union is not None]
-        with torch.no_grad():
-            currents = kernels.gather([(target.parameter.data, union) for target, union in jobs])
-        for (target, union), current in zip(jobs, currents):
+            if not new.numel():
+                continue
+            union = torch.cat([target.positions, new]).sort().values
             slots = torch.searchsorted(union, target.positions)
-            backup, written = current.clone(), current
+            backup = torch.full_like(union, -0.0, dtype=target.backup.dtype)
+            written = backup.clone()
             backup[slots], written[slots] = target.backup, target.written
+            fresh = torch.ones_like(union, dtype=torch.bool)
+            fresh[slots] = False
             target.positions, target.backup, target.written = union, backup, written
+            unread[key] = fresh
+        return unread
+
+    def _shrink(self, keys: list[str]) -> None:
+        """Positions no loaded adapter holds any more leave the union (their originals are back in the weight)."""
+        for key in keys:
+            target = self.targets[key]
+            if not target.entries:
+                del self.targets[key]  # releases the backup memory
+                continue
+            keep = torch.isin(target.positions, torch.cat([e.positions for e in target.entries.values()]))
+            if not bool(keep.all()):
+                target.positions, target.backup, target.written = target.positions[keep], target.backup[keep], target.written[keep]
+                self._reslot(target)
 
     @staticmethod
     def _reslot(target: _Target) -> None:
@@ -338,28 +430,52 @@ class ScatterEngine:
             same = entry.positions.numel() == target.positions.numel()
             entry.slots = None if same else torch.searchsorted(target.positions, entry.positions)
 
+    def _sums(self, target: _Target) -> torch.Tensor:
+        """W0 + the sum of the active adapters' alpha * S at the target's positions, uncast: fp32 (fp64 weights: fp64)."""
+        values = target.backup.to(torch.promote_types(target.backup.dtype, torch.float32), copy=True)  # never into the backup
+        if self.enabled:
+            for name in self.active:
+                entry = target.entries.get(name)
+                if entry is not None:
+                    kernels.add_scaled(values, entry.deltas, _alpha(self.alphas[name], entry.key), entry.slots)
+        return values
+
     def _values(self, target: _Target) -> torch.Tensor:
         """What the weight should hold at the target's positions: W0 + sum of the active adapters' alpha * S."""
-        active = [(name, self.alphas[name]) for name in self.active] if self.enabled else []
-        entries = [(target.entries[name], _alpha(strength, target.entries[name].key)) for name, strength in active if name in target.entries]
-        if not entries:
+        if not (self.enabled and any(name in target.entries for name in self.active)):
             return target.backup
-        values = target.backup.to(torch.float32, copy=True)  # never accumulate into the backup
-        for entry, alpha in entries:
-            kernels.add_scaled(values, entry.deltas, alpha, entry.slots)
-        return values.to(target.parameter.dtype)
+        return self._sums(target).to(target.parameter.dtype)
 
-    def _write(self, keys: Iterable[str]) -> None:
-        """Write `_values` into these targets. Where a weight no longer holds what we last wrote there, something else
-        wrote it in between (diffusers' fuse_lora / unfuse_lora, a user's edit): that change moves into the backup,
-        as a change of the base, and the target is written again, so it is neither lost now nor left behind on unload."""
+    def _write(self, keys: Iterable[str], unread: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Write `_values` into these targets, in one pass. `unread` ({key: mask}, from `_grow`): positions whose
+        originals are read by this pass (into the backup) and written plus the adapters' share.
+
+        Where a weight no longer holds what we last wrote there, something else wrote it in between (diffusers'
+        fuse_lora / unfuse_lora, a user's edit): that change moves into the backup, as a change of the base, and
+        the target is written again, so it is neither lost now nor left behind on unload."""
         keys = list(keys)
+        unread = unread or {}
         targets = [self.targets[key] for key in keys]
         for key, target in zip(keys, targets):
             self._bring_to(key, target.parameter)
-        values = [self._values(target) for target in targets]
+        plain = [i for i, key in enumerate(keys) if key not in unread]
+        growing = [i for i, key in enumerate(keys) if key in unread]
+        values: list[torch.Tensor | None] = [None] * len(keys)
+        olds: list[torch.Tensor | None] = [None] * len(keys)
+        changed = [False] * len(keys)
+        for i in plain:
+            values[i] = self._values(targets[i])
         with torch.no_grad():
-            olds, changed = kernels.exchange([(t.parameter.data, t.positions, v, t.written) for t, v in zip(targets, values)])
+            got, flags = kernels.exchange([(targets[i].parameter.data, targets[i].positions, values[i], targets[i].written) for i in plain])
+            for i, old, flag in zip(plain, got, flags):
+                olds[i], changed[i] = old, flag
+            got, wrote, flags = kernels.grow_exchange([(targets[i].parameter.data, targets[i].positions, self._sums(targets[i]),
+                                                        targets[i].written, unread[keys[i]]) for i in growing])
+        for i, old, written, flag in zip(growing, got, wrote, flags):
+            fresh, target = unread[keys[i]], targets[i]
+            target.backup[fresh] = old[fresh]
+            target.written[fresh] = old[fresh]  # read just now: no one else's change there
+            olds[i], values[i], changed[i] = old, written, flag
         moved = [i for i, flag in enumerate(changed) if flag]
         for i in moved:
             target, old = targets[i], olds[i]

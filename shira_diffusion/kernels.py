@@ -49,6 +49,7 @@ _BITS = {torch.float32: np.int32, torch.float64: np.int64, torch.float16: np.int
 _NONFINITE = {torch.float16: (np.int16, 0x7C00), torch.bfloat16: (np.int16, 0x7F80),
               torch.float32: (np.int32, 0x7F800000), torch.float64: (np.int64, 0x7FF0000000000000)}
 _CHUNK = 1 << 15  # positions per parallel work item: big enough to amortise, small enough to balance
+_PIECE = int(os.environ.get('SHIRA_PIECE', 4096))
 _AHEAD = 16  # positions prefetched ahead in passes that read the weights (~25 % faster there on a 2-core EPYC)
 ZERO_GAP, OUT_OF_RANGE, NONFINITE = 1, 2, 3  # decode problems: status[job] = (kind, index)
 
@@ -138,6 +139,72 @@ if numba is not None:
             changed[c] = differs
 
     @_compiled(parallel=True, nogil=True)
+    def _grow_exchange(weights, positions, sums, expecteds, fresh, olds, writtens, sizes, chunks, changed, blike, flike, mlike, ilike):
+        # fp32 weights only (the sum needs float arithmetic). At a fresh position the weight holds the original:
+        # it is kept (the backup) and `original + sum` written; elsewhere `sum` is the value, as in _exchange.
+        # Two views of each weight: bits to compare exactly, floats to add.
+        for c in numba.prange(chunks.shape[0]):
+            job, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            bits = _view(weights[job], sizes[job, 1], blike)
+            weight = _view(weights[job], sizes[job, 1], flike)
+            index = _view(positions[job], sizes[job, 0], ilike)[start:stop]
+            total = _view(sums[job], sizes[job, 0], flike)[start:stop]
+            expected = _view(expecteds[job], sizes[job, 0], blike)[start:stop]
+            new_here = _view(fresh[job], sizes[job, 0], mlike)[start:stop]
+            old = _view(olds[job], sizes[job, 0], blike)[start:stop]
+            written = _view(writtens[job], sizes[job, 0], flike)[start:stop]
+            differs = False
+            for i in range(stop - start):
+                if i + _AHEAD < stop - start:
+                    _prefetch(weight, index[i + _AHEAD])
+                at = index[i]
+                old[i] = bits[at]
+                if new_here[i]:
+                    value = weight[at] + total[i]  # no fastmath: the same bits as torch's fp32 add
+                else:
+                    differs |= old[i] != expected[i]
+                    value = total[i]
+                weight[at] = value
+                written[i] = value
+            changed[c] = differs
+
+    @_compiled(parallel=True, nogil=True)
+    def _switch(weights, leaving, backups, expecteds, olds, arriving, deltas, alphas, new_backups, writtens, sizes, pieces, changed,
+                blike, flike, ilike):
+        # Per piece (a range of one weight, small enough for the lines it touches to stay in cache): first the
+        # leaving positions get their backup back (keeping what was there, compared with what was expected), then
+        # the arriving ones get `original + alpha * delta`, reading the original where it was just restored.
+        for c in numba.prange(pieces.shape[0]):
+            job = pieces[c, 0]
+            i, i_stop, j, j_stop = pieces[c, 1], pieces[c, 2], pieces[c, 3], pieces[c, 4]
+            bits = _view(weights[job], sizes[job, 2], blike)
+            weight = _view(weights[job], sizes[job, 2], flike)
+            out_at, back = _view(leaving[job], sizes[job, 0], ilike)[i:i_stop], _view(backups[job], sizes[job, 0], blike)[i:i_stop]
+            expected, old = _view(expecteds[job], sizes[job, 0], blike)[i:i_stop], _view(olds[job], sizes[job, 0], blike)[i:i_stop]
+            in_at, delta = _view(arriving[job], sizes[job, 1], ilike)[j:j_stop], _view(deltas[job], sizes[job, 1], flike)[j:j_stop]
+            new_back, written = _view(new_backups[job], sizes[job, 1], flike)[j:j_stop], _view(writtens[job], sizes[job, 1], flike)[j:j_stop]
+            alpha = alphas[job]
+            differs = False
+            for k in range(i_stop - i):
+                if k + _AHEAD < i_stop - i:
+                    _prefetch(weight, out_at[k + _AHEAD])
+                at = out_at[k]
+                value = bits[at]
+                old[k] = value
+                differs |= value != expected[k]
+                bits[at] = back[k]
+            for k in range(j_stop - j):
+                if k + _AHEAD < j_stop - j:
+                    _prefetch(weight, in_at[k + _AHEAD])
+                at = in_at[k]
+                base = weight[at]
+                new_back[k] = base
+                value = base + alpha * delta[k]  # no fastmath: product rounded, then sum, as in torch
+                weight[at] = value
+                written[k] = value
+            changed[c] = differs
+
+    @_compiled(parallel=True, nogil=True)
     def _gather_add_scatter(weights, positions, deltas, backups, writtens, sizes, chunks, alpha, wlike, ilike):
         for c in numba.prange(chunks.shape[0]):
             job, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
@@ -200,12 +267,16 @@ def _like(dtype) -> np.ndarray:
     return np.empty(0, dtype=dtype)
 
 
-def _chunks(weights: Sequence[torch.Tensor], positions: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    """(sizes, chunks): per job (positions, weight entries), and rows (job, start, stop) of at most _CHUNK positions."""
+def _check_bounds(weights: Sequence[torch.Tensor], positions: Sequence[torch.Tensor]) -> None:
     for weight, index in zip(weights, positions):
         # The compiled loops do not bounds-check; positions are sorted, so the ends suffice.
         if index.numel() and (int(index[0]) < 0 or int(index[-1]) >= weight.numel()):
             raise IndexError(f"positions {int(index[0])}..{int(index[-1])} outside a weight of {weight.numel()} entries")
+
+
+def _chunks(weights: Sequence[torch.Tensor], positions: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """(sizes, chunks): per job (positions, weight entries), and rows (job, start, stop) of at most _CHUNK positions."""
+    _check_bounds(weights, positions)
     sizes = np.array([(p.numel(), w.numel()) for w, p in zip(weights, positions)], dtype=np.int64).reshape(-1, 2)
     pieces = -(-sizes[:, 0] // _CHUNK)
     job = np.repeat(np.arange(len(sizes)), pieces)
@@ -310,6 +381,104 @@ def exchange(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     return olds, changed
 
 
+def grow_exchange(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
+    """`exchange` where some positions are new to the caller (`fresh`): there the weight still holds its original,
+    which is returned (the caller's backup) and `original + sum` written; elsewhere `sum` is the value.
+
+    Each job: (weight, sorted positions, sums, expected, fresh), `sums` in the accumulation dtype (fp32, fp64 for
+    fp64 weights), `expected` in the weight's dtype (compared at the other positions only), `fresh` bool. Every
+    value is cast once to the weight's dtype. Returns (what each weight held there, what was written, whether any
+    position that is not fresh differed from `expected`). One pass on CPU fp32 weights; otherwise gather, torch
+    arithmetic, scatter (the same bits).
+    Usage: olds, written, changed = grow_exchange([(weight, positions, sums, expected, fresh)])
+    """
+    flats = [(weight.view(-1), positions, sums.contiguous(), expected.contiguous(), fresh.contiguous()) for weight, positions, sums, expected, fresh in jobs]
+    olds: list[torch.Tensor | None] = [None] * len(flats)
+    writtens: list[torch.Tensor | None] = [None] * len(flats)
+    changed = [False] * len(flats)
+    groups, rest = _split(flats, lambda w, p, s, e, f: w.dtype == s.dtype == e.dtype == torch.float32 and f.dtype == torch.bool
+                          and s.numel() == e.numel() == f.numel() == p.numel())
+    if rest:
+        gathered = gather([flats[i][:2] for i in rest])
+        for i, old in zip(rest, gathered):
+            weight, _, sums, expected, fresh = flats[i]
+            olds[i] = old
+            writtens[i] = torch.where(fresh, old.to(sums.dtype) + sums, sums).to(weight.dtype)
+            changed[i] = not torch.equal(as_bits(old)[~fresh], as_bits(expected)[~fresh])
+        scatter([(flats[i][0], flats[i][1], writtens[i]) for i in rest])
+    for (_, index_dtype), members in groups.items():
+        weights, positions = [flats[i][0] for i in members], [flats[i][1] for i in members]
+        sums, expected, fresh = [flats[i][2] for i in members], [flats[i][3] for i in members], [flats[i][4] for i in members]
+        kept = [torch.empty(p.numel(), dtype=torch.float32) for p in positions]
+        written = [torch.empty(p.numel(), dtype=torch.float32) for p in positions]
+        sizes, chunks = _chunks(weights, positions)
+        flags = np.zeros(len(chunks), dtype=np.bool_)
+        with _launch():
+            _grow_exchange(_addresses(weights), _addresses(positions), _addresses(sums), _addresses(expected), _addresses(fresh),
+                           _addresses(kept), _addresses(written), sizes, chunks, flags, _like(np.int32), _like(np.float32),
+                           _like(np.uint8), _like(_INDEX[index_dtype]))
+        moved = set(chunks[flags, 0].tolist())
+        for j, (i, old, values) in enumerate(zip(members, kept, written)):
+            olds[i], writtens[i], changed[i] = old, values, j in moved
+    return olds, writtens, changed
+
+
+def _merged_pieces(leaving: Sequence[torch.Tensor], arriving: Sequence[torch.Tensor]) -> np.ndarray:
+    """Rows (job, leaving start, stop, arriving start, stop): each job's two sorted lists cut at the same positions
+    into pieces of about _PIECE positions (cut along the longer list), so pieces are independent."""
+    rows = []
+    for job, (out_at, in_at) in enumerate(zip(leaving, arriving)):
+        out_np, in_np = out_at.numpy(), in_at.numpy()
+        longer = out_np if out_np.size >= in_np.size else in_np
+        cuts = longer[_PIECE::_PIECE]
+        out_cuts = np.concatenate([[0], np.searchsorted(out_np, cuts), [out_np.size]])
+        in_cuts = np.concatenate([[0], np.searchsorted(in_np, cuts), [in_np.size]])
+        rows += [(job, out_cuts[k], out_cuts[k + 1], in_cuts[k], in_cuts[k + 1]) for k in range(len(cuts) + 1)]
+    return np.array(rows, dtype=np.int64).reshape(-1, 5)
+
+
+def switch(jobs: Sequence[tuple], alphas: Sequence[float]) -> tuple[list[torch.Tensor], list[bool], list[torch.Tensor], list[torch.Tensor]]:
+    """Swap one adapter for another on weights nothing else holds: per job (weight, leaving positions, their backup,
+    what we last wrote there, arriving positions, fp32 deltas) restore the backups and write
+    `original + alpha * delta` at the arriving positions (where a position is in both, the original is the backup).
+
+    Returns (what the weight held at the leaving positions, whether that differed from what was expected, the
+    originals at the arriving positions: their backup, the values written there). One pass on CPU fp32 weights;
+    otherwise `exchange` then `gather_add_scatter` (the same bits).
+    Usage: olds, changed, backups, written = switch([(weight, old_pos, backup, written, new_pos, deltas)], [1.0])
+    """
+    flats = [(weight.view(-1), *rest) for weight, *rest in jobs]
+    olds: list[torch.Tensor | None] = [None] * len(flats)
+    changed = [False] * len(flats)
+    backups: list[torch.Tensor | None] = [None] * len(flats)
+    writtens: list[torch.Tensor | None] = [None] * len(flats)
+    groups, rest = _split(flats, lambda w, lp, b, e, ap, d: w.dtype == b.dtype == e.dtype == d.dtype == torch.float32
+                          and lp.dtype == ap.dtype and b.numel() == e.numel() == lp.numel() and d.numel() == ap.numel())
+    for i in rest:  # restore first, so arriving positions that were leaving ones read their original
+        (old,), (flag,) = exchange([(flats[i][0], flats[i][1], flats[i][2], flats[i][3])])
+        (backup,), (written,) = gather_add_scatter([(flats[i][0], flats[i][4], flats[i][5])], alphas[i])
+        olds[i], changed[i], backups[i], writtens[i] = old, flag, backup, written
+    for (_, index_dtype), members in groups.items():
+        weights = [flats[i][0] for i in members]
+        leaving, backup, expected, arriving, deltas = ([flats[i][k].contiguous() for i in members] for k in range(1, 6))
+        _check_bounds(weights + weights, leaving + arriving)
+        kept = [torch.empty(p.numel(), dtype=torch.float32) for p in leaving]
+        new_backups = [torch.empty(p.numel(), dtype=torch.float32) for p in arriving]
+        written = [torch.empty(p.numel(), dtype=torch.float32) for p in arriving]
+        sizes = np.array([(a.numel(), b.numel(), w.numel()) for a, b, w in zip(leaving, arriving, weights)], dtype=np.int64).reshape(-1, 3)
+        pieces = _merged_pieces(leaving, arriving)
+        flags = np.zeros(len(pieces), dtype=np.bool_)
+        with _launch():
+            _switch(_addresses(weights), _addresses(leaving), _addresses(backup), _addresses(expected), _addresses(kept),
+                    _addresses(arriving), _addresses(deltas), np.array([alphas[i] for i in members], dtype=np.float32),
+                    _addresses(new_backups), _addresses(written), sizes, pieces, flags, _like(np.int32), _like(np.float32),
+                    _like(_INDEX[index_dtype]))
+        moved = set(pieces[flags, 0].tolist())
+        for j, i in enumerate(members):
+            olds[i], changed[i], backups[i], writtens[i] = kept[j], j in moved, new_backups[j], written[j]
+    return olds, changed, backups, writtens
+
+
 def gather_add_scatter(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], alpha: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """For each (weight, sorted positions, fp32 deltas): write `W0 + alpha * deltas` there; return (W0 there: the
     backups, the values written), both in the weight's dtype.
@@ -323,7 +492,7 @@ def gather_add_scatter(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Te
     if rest:
         gathered = gather([flats[i][:2] for i in rest])
         for i, backup in zip(rest, gathered):
-            backups[i], writtens[i] = backup, add_scaled(backup.to(torch.float32, copy=True), flats[i][2], alpha).to(backup.dtype)
+            backups[i], writtens[i] = backup, add_scaled(backup.to(torch.promote_types(backup.dtype, torch.float32), copy=True), flats[i][2], alpha).to(backup.dtype)
         scatter([(flats[i][0], flats[i][1], writtens[i]) for i in rest])
     for (_, index_dtype), members in groups.items():
         weights, positions = [flats[i][0] for i in members], [flats[i][1] for i in members]
@@ -365,7 +534,7 @@ def add_scaled(values: torch.Tensor, deltas: torch.Tensor, alpha: float, slots: 
 
     (`add_(x, alpha=a)` would use a fused multiply-add on CPU and give other bits than the compiled loop.)
     """
-    scaled = deltas * alpha
+    scaled = (deltas * alpha).to(values.dtype)  # the product rounded in fp32 (fp64 sums: widened exactly)
     if slots is None:
         return values.add_(scaled)
     return values.index_add_(0, slots, scaled)

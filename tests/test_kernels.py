@@ -39,12 +39,59 @@ def test_gather_add_scatter_writes_w0_plus_alpha_delta_and_restores_exactly(path
     for weight, original, index, delta, backup, values in zip(weights, originals, positions, deltas, backups, written):
         assert torch.equal(backup, original.view(-1)[index])
         expected = original.clone().view(-1)
-        expected[index] = (original.view(-1)[index].float() + delta * 0.7).to(dtype)  # product rounded, then the sum
+        accumulate = torch.promote_types(dtype, torch.float32)  # fp64 weights keep their precision
+        expected[index] = (original.view(-1)[index].to(accumulate) + delta * 0.7).to(dtype)  # product rounded, then the sum
         assert torch.equal(weight.view(-1), expected) and torch.equal(values, expected[index])
     assert [torch.equal(g, w.view(-1)[p]) for g, w, p in zip(kernels.gather(list(zip(weights, positions))), weights, positions)] == [True] * 4
     olds, changed = kernels.exchange(list(zip(weights, positions, backups, written)))  # restore, keeping what was there
     assert all(torch.equal(old, values) for old, values in zip(olds, written)) and changed == [False] * 4
     assert all(torch.equal(w, o) for w, o in zip(weights, originals))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_switch_is_exchange_then_gather_add_scatter_in_one_pass(path, dtype):
+    # Leaving and arriving lists overlap, either may be empty, and one spans many pieces; someone else changed
+    # one leaving position of the second weight.
+    generator = torch.Generator().manual_seed(3)
+    weights = [torch.randn(n, generator=generator).to(dtype) for n in (200_000, 200_000, 5_000, 5_000)]
+    counts = ((70_000, 60_000), (300, 90_000), (0, 2_000), (1_000, 0))
+    jobs = []
+    for weight, (leaving, arriving) in zip(weights, counts):
+        out_at = torch.randperm(weight.numel(), generator=generator)[:leaving].sort().values
+        in_at = torch.randperm(weight.numel(), generator=generator)[:arriving].sort().values
+        jobs.append((weight, out_at, torch.randn(leaving, generator=generator).to(dtype), weight[out_at].clone(), in_at,
+                     torch.randn(arriving, generator=generator)))
+    weights[1][jobs[1][1][-1]] = float("nan")
+    reference = [w.clone() for w in weights]
+    olds, changed, backups, written = kernels.switch(jobs, [0.7, -1.3, 2.0, 1.0])
+    expected_olds, expected_changed = kernels.exchange([(r, *job[1:4]) for r, job in zip(reference, jobs)])
+    expected_backups, expected_written = kernels.gather_add_scatter([(r, job[4], job[5]) for r, job in zip(reference[:1], jobs[:1])], 0.7)
+    for alpha, r, job in zip([-1.3, 2.0, 1.0], reference[1:], jobs[1:]):
+        more = kernels.gather_add_scatter([(r, job[4], job[5])], alpha)
+        expected_backups, expected_written = expected_backups + more[0], expected_written + more[1]
+    assert changed == expected_changed == [False, True, False, False]
+    assert all(torch.equal(kernels.as_bits(w), kernels.as_bits(r)) for w, r in zip(weights, reference))
+    for got, want in ((olds, expected_olds), (backups, expected_backups), (written, expected_written)):
+        assert all(torch.equal(kernels.as_bits(g), kernels.as_bits(e)) for g, e in zip(got, want))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grow_exchange_reads_originals_where_fresh_and_compares_elsewhere(path, dtype):
+    weights, positions, _ = weights_and_jobs(dtype, seed=5)
+    originals = [w.clone() for w in weights]
+    generator = torch.Generator().manual_seed(5)
+    accumulate = torch.promote_types(dtype, torch.float32)
+    fresh = [torch.rand(p.numel(), generator=generator) < 0.4 for p in positions]
+    sums = [torch.randn(p.numel(), generator=generator).to(accumulate) for p in positions]
+    expected = [w.view(-1)[p].clone() for w, p in zip(weights, positions)]
+    expected[1][~fresh[1]] = 0  # differs at a position that is not fresh: flagged
+    expected[3][fresh[3]] = 0  # differs only where fresh: not compared
+    olds, written, changed = kernels.grow_exchange(list(zip(weights, positions, sums, expected, fresh)))
+    assert changed == [False, True, False, False]
+    for weight, original, index, new, total, old, values in zip(weights, originals, positions, fresh, sums, olds, written):
+        want = torch.where(new, original.view(-1)[index].to(accumulate) + total, total).to(dtype)
+        assert torch.equal(old, original.view(-1)[index]) and torch.equal(values, want)
+        assert torch.equal(weight.view(-1)[index], want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

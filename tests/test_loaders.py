@@ -76,7 +76,7 @@ def test_writes_happen_in_place(sd):
         assert parameters[name][0] is parameter and parameter.data_ptr() == parameters[name][1]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_thousand_random_operations_then_unload_is_bit_exact(dtype):
     pipe = tiny_pipeline("sd", dtype=dtype)
     before = snapshot(pipe)
@@ -84,7 +84,7 @@ def test_thousand_random_operations_then_unload_is_bit_exact(dtype):
     rng = random.Random(0)
     loaded: list[str] = []
     for step in range(1000):
-        operation = rng.choice(["load", "unload", "switch", "fuse", "alpha", "disable", "enable"])
+        operation = rng.choice(["load", "unload", "switch", "fuse", "alpha", "disable", "enable", "hotswap"])
         if operation == "load" or not loaded:
             if len(loaded) < len(pool):
                 name = f"a{step}"
@@ -94,6 +94,8 @@ def test_thousand_random_operations_then_unload_is_bit_exact(dtype):
             pipe.unload_shira_weights(loaded.pop(rng.randrange(len(loaded))))
         elif operation == "switch":
             pipe.set_shira_adapters(rng.choice(loaded))
+        elif operation == "hotswap":  # alone (one pass) when it is the only adapter, else beside the others
+            pipe.load_shira_weights(pool[rng.randrange(len(pool))], alpha=rng.uniform(-2, 2), adapter_name=rng.choice(loaded), hotswap=True)
         elif operation == "fuse":
             names = rng.sample(loaded, rng.randint(0, len(loaded)))
             pipe.set_shira_adapters(names, weights=[rng.uniform(-1.5, 1.5) if rng.random() < 0.7 else  # or per component / block
