@@ -61,6 +61,21 @@ def median_ms(action, repeats: int = 5, warmup: int = 1, setup=None) -> float:
     return statistics.median(times)
 
 
+def median_ms_in_turn(actions: dict, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median wall times (ms) of several actions run one after the other, round by round (the order alternating),
+    so a slow spell of a shared machine hits them alike: for side-by-side ratios of close numbers."""
+    times: dict[str, list[float]] = {name: [] for name in actions}
+    for index in range(warmup + repeats):
+        for name in (list(actions) if index % 2 == 0 else list(reversed(actions))):
+            start = time.perf_counter()
+            actions[name]()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if index >= warmup:
+                times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def write_result(name: str, rows: list[dict], out: str | Path, notes: list[str] | None = None, extra: dict | None = None) -> dict:
     """<name>.json and <name>.md in `out`; prints the Markdown table last."""
     out = Path(out)

@@ -236,10 +236,7 @@ class ScatterEngine:
                     backups = writtens = kernels.gather([(p.data, e.positions) for _, p, e in fresh])
             for (key, parameter, entry), backup, written in zip(fresh, backups, writtens):
                 self.targets[key] = _Target(parameter, entry.positions, backup, written, {name: entry})
-            unread = self._grow([(key, entry.positions) for key, _, entry in joined])
-            for _, target, entry in joined:
-                target.entries[name] = entry
-                self._reslot(target)
+            unread = self._grow([(key, name, entry) for key, _, entry in joined])
             self.alphas[name] = strength
             self.adapters[name] = adapter
             if activate:
@@ -286,18 +283,16 @@ class ScatterEngine:
                 return
             for key in leaving:
                 del self.targets[key].entries[name]
-            unread = {}
+            unread, growing = {}, []
             for key, (parameter, entry) in arriving.items():
-                if key not in self.targets:  # nothing there yet: every position is read by the write
-                    placeholder = torch.full_like(entry.positions, -0.0, dtype=parameter.dtype)
-                    self.targets[key] = _Target(parameter, entry.positions, placeholder, placeholder.clone())
-                    unread[key] = torch.ones_like(entry.positions, dtype=torch.bool)
-            unread.update(self._grow([(key, entry.positions) for key, (_, entry) in arriving.items() if key not in unread]))
-            for key, (_, entry) in arriving.items():
-                self.targets[key].entries[name] = entry
+                if key in self.targets:
+                    growing.append((key, name, entry))
+                    continue
+                placeholder = torch.full_like(entry.positions, -0.0, dtype=parameter.dtype)  # see `_grow`
+                self.targets[key] = _Target(parameter, entry.positions, placeholder, placeholder.clone(), {name: entry})
+                unread[key] = torch.ones_like(entry.positions, dtype=torch.bool)  # every position is read by the write
+            unread.update(self._grow(growing))
             keys = list(dict.fromkeys([*leaving, *arriving]))
-            for key in keys:
-                self._reslot(self.targets[key])
             self._write(keys, unread)
             self._shrink(leaving)
 
@@ -390,25 +385,27 @@ class ScatterEngine:
             entry.positions, entry.deltas = entry.positions.to(weight.device), entry.deltas.to(weight.device)
             entry.slots = None if entry.slots is None else entry.slots.to(weight.device)
 
-    def _grow(self, growing: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Widen targets' unions to new positions without reading the weights; returns {key: which union positions
-        are new}. The next `_write` reads the originals there (the live weight still holds W0 at positions never
-        written) while it writes: until then their backup is -0.0, the sum's identity (-0.0 + x is x, even -0.0)."""
+    def _grow(self, growing: list[tuple[str, str, _Entry]]) -> dict[str, torch.Tensor]:
+        """Add entries (key, adapter name, entry) to existing targets, widening their unions (one batched sorted
+        merge) without reading the weights; returns {key: which union positions are new}. The next `_write` reads
+        the originals there (the live weight still holds W0 at positions never written) while it writes: until then
+        their backup is -0.0, the sum's identity (-0.0 + x is x, even for x = -0.0)."""
         unread = {}
-        for key, positions in growing:
+        merged = kernels.merge([(self.targets[key].positions, entry.positions) for key, _, entry in growing])
+        for (key, name, entry), (union, old_slots, new_slots) in zip(growing, merged):
             target = self.targets[key]
-            new = positions[~torch.isin(positions, target.positions)]
-            if not new.numel():
-                continue
-            union = torch.cat([target.positions, new]).sort().values
-            slots = torch.searchsorted(union, target.positions)
-            backup = torch.full_like(union, -0.0, dtype=target.backup.dtype)
-            written = backup.clone()
-            backup[slots], written[slots] = target.backup, target.written
-            fresh = torch.ones_like(union, dtype=torch.bool)
-            fresh[slots] = False
-            target.positions, target.backup, target.written = union, backup, written
-            unread[key] = fresh
+            if union.numel() > target.positions.numel():
+                fresh = torch.ones_like(union, dtype=torch.bool)
+                fresh[old_slots] = False
+                backup = torch.full_like(union, -0.0, dtype=target.backup.dtype)
+                written = backup.clone()
+                backup[old_slots], written[old_slots] = target.backup, target.written
+                for other in target.entries.values():
+                    other.slots = old_slots if other.slots is None else old_slots[other.slots]
+                target.positions, target.backup, target.written = union, backup, written
+                unread[key] = fresh
+            entry.slots = None if entry.positions.numel() == union.numel() else new_slots  # None: it is the union
+            target.entries[name] = entry
         return unread
 
     def _shrink(self, keys: list[str]) -> None:
@@ -418,17 +415,18 @@ class ScatterEngine:
             if not target.entries:
                 del self.targets[key]  # releases the backup memory
                 continue
-            keep = torch.isin(target.positions, torch.cat([e.positions for e in target.entries.values()]))
-            if not bool(keep.all()):
-                target.positions, target.backup, target.written = target.positions[keep], target.backup[keep], target.written[keep]
-                self._reslot(target)
-
-    @staticmethod
-    def _reslot(target: _Target) -> None:
-        for entry in target.entries.values():
-            # Positions are unique and a subset of the union, so equal length means equal.
-            same = entry.positions.numel() == target.positions.numel()
-            entry.slots = None if same else torch.searchsorted(target.positions, entry.positions)
+            if any(entry.slots is None for entry in target.entries.values()):
+                continue  # one adapter holds every position
+            keep = torch.zeros_like(target.positions, dtype=torch.bool)
+            for entry in target.entries.values():
+                keep[entry.slots] = True
+            if bool(keep.all()):
+                continue
+            renumbered = torch.cumsum(keep, 0) - 1
+            target.positions, target.backup, target.written = target.positions[keep], target.backup[keep], target.written[keep]
+            for entry in target.entries.values():
+                same = entry.positions.numel() == target.positions.numel()
+                entry.slots = None if same else renumbered[entry.slots]
 
     def _sums(self, target: _Target) -> torch.Tensor:
         """W0 + the sum of the active adapters' alpha * S at the target's positions, uncast: fp32 (fp64 weights: fp64)."""

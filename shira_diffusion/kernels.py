@@ -1,5 +1,6 @@
-"""The engine's memory-bound inner loops, batched over all weights: gather, scatter, gather-add-scatter, decode
-(and the trainer's add-scatter of W0 + v).
+"""The engine's memory-bound inner loops, batched over all weights: gather, scatter, exchange (scatter keeping
+what was there), gather-add-scatter, grow-exchange (an exchange that also reads new originals), switch (restore
+one adapter's positions and write another's, in one pass), decode (and the trainer's add-scatter of W0 + v).
 
 A switch is a few million reads and writes at sorted random positions spread over ~100-1000 weights. torch's
 CPU `index_select` / `scatter_` on a 1-D tensor run on one core with per-element index bookkeeping, and one
@@ -10,7 +11,7 @@ gather-add-scatter touches each cache line once instead of twice. Tensors reach 
 On GPUs (and without numba) the same operations run as torch ops, weight by weight.
 
 Both paths compute the same bits: a write is `fp32(W0) + fp32(alpha) * delta` with the product rounded
-before the sum (no fused multiply-add), cast once to the weight's dtype.
+before the sum (no fused multiply-add), cast once to the weight's dtype (fp64 weights sum in fp64).
 
 Usage:
     backups, written = gather_add_scatter([(weight, positions, deltas_fp32)], alpha)   # W[p] = W0[p] + alpha * d
@@ -49,7 +50,7 @@ _BITS = {torch.float32: np.int32, torch.float64: np.int64, torch.float16: np.int
 _NONFINITE = {torch.float16: (np.int16, 0x7C00), torch.bfloat16: (np.int16, 0x7F80),
               torch.float32: (np.int32, 0x7F800000), torch.float64: (np.int64, 0x7FF0000000000000)}
 _CHUNK = 1 << 15  # positions per parallel work item: big enough to amortise, small enough to balance
-_PIECE = int(os.environ.get('SHIRA_PIECE', 4096))
+_PIECE = 1 << 12  # positions per piece of a switch: the lines they touch stay in cache between its two loops
 _AHEAD = 16  # positions prefetched ahead in passes that read the weights (~25 % faster there on a 2-core EPYC)
 ZERO_GAP, OUT_OF_RANGE, NONFINITE = 1, 2, 3  # decode problems: status[job] = (kind, index)
 
@@ -203,6 +204,36 @@ if numba is not None:
                 weight[at] = value
                 written[k] = value
             changed[c] = differs
+
+    @_compiled(parallel=True, nogil=True)
+    def _merge(firsts, seconds, unions, first_slots, second_slots, sizes, counts, count_only, ilike):
+        # Sorted unique lists merged in one linear walk per job: the union, and where each entry of either landed.
+        for job in numba.prange(sizes.shape[0]):
+            n, m = sizes[job, 0], sizes[job, 1]
+            first, second = _view(firsts[job], n, ilike), _view(seconds[job], m, ilike)
+            i = j = k = 0
+            if count_only:
+                while i < n and j < m:
+                    step_first, step_second = first[i] <= second[j], second[j] <= first[i]
+                    i += step_first
+                    j += step_second
+                    k += 1
+                counts[job] = k + (n - i) + (m - j)
+                continue
+            union = _view(unions[job], counts[job], ilike)
+            at_first, at_second = _view(first_slots[job], n, ilike), _view(second_slots[job], m, ilike)
+            while i < n or j < m:
+                if j >= m or (i < n and first[i] < second[j]):
+                    union[k], at_first[i] = first[i], k
+                    i += 1
+                elif i >= n or second[j] < first[i]:
+                    union[k], at_second[j] = second[j], k
+                    j += 1
+                else:
+                    union[k], at_first[i], at_second[j] = first[i], k, k
+                    i += 1
+                    j += 1
+                k += 1
 
     @_compiled(parallel=True, nogil=True)
     def _gather_add_scatter(weights, positions, deltas, backups, writtens, sizes, chunks, alpha, wlike, ilike):
@@ -423,6 +454,35 @@ def grow_exchange(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     return olds, writtens, changed
 
 
+def merge(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For each (first, second), both sorted unique int64 positions: (their sorted union, where each entry of `first`
+    sits in it, where each entry of `second` sits in it). One linear walk per pair on CPUs; torch elsewhere.
+    Usage: union, first_slots, second_slots = merge([(old_positions, new_positions)])[0]
+    """
+    results: list[tuple | None] = [None] * len(pairs)
+    members = [i for i, pair in enumerate(pairs) if numba is not None and all(
+        t.device.type == "cpu" and t.dtype == torch.int64 and t.is_contiguous() for t in pair)]
+    for i in sorted(set(range(len(pairs))) - set(members)):
+        first, second = pairs[i]
+        union = torch.cat([first, second]).unique(sorted=True)
+        results[i] = (union, torch.searchsorted(union, first), torch.searchsorted(union, second))
+    if members:
+        firsts, seconds = [pairs[i][0] for i in members], [pairs[i][1] for i in members]
+        sizes = np.array([(a.numel(), b.numel()) for a, b in zip(firsts, seconds)], dtype=np.int64).reshape(-1, 2)
+        counts = np.zeros(len(members), dtype=np.int64)
+        ilike = _like(np.int64)
+        with _launch():
+            _merge(_addresses(firsts), _addresses(seconds), _addresses(firsts), _addresses(firsts), _addresses(seconds), sizes, counts, True, ilike)
+        unions = [torch.empty(int(count), dtype=torch.int64) for count in counts]
+        first_slots, second_slots = [torch.empty_like(a) for a in firsts], [torch.empty_like(b) for b in seconds]
+        with _launch():
+            _merge(_addresses(firsts), _addresses(seconds), _addresses(unions), _addresses(first_slots), _addresses(second_slots), sizes,
+                   counts, False, ilike)
+        for j, i in enumerate(members):
+            results[i] = (unions[j], first_slots[j], second_slots[j])
+    return results
+
+
 def _merged_pieces(leaving: Sequence[torch.Tensor], arriving: Sequence[torch.Tensor]) -> np.ndarray:
     """Rows (job, leaving start, stop, arriving start, stop): each job's two sorted lists cut at the same positions
     into pieces of about _PIECE positions (cut along the longer list), so pieces are independent."""
@@ -454,10 +514,16 @@ def switch(jobs: Sequence[tuple], alphas: Sequence[float]) -> tuple[list[torch.T
     writtens: list[torch.Tensor | None] = [None] * len(flats)
     groups, rest = _split(flats, lambda w, lp, b, e, ap, d: w.dtype == b.dtype == e.dtype == d.dtype == torch.float32
                           and lp.dtype == ap.dtype and b.numel() == e.numel() == lp.numel() and d.numel() == ap.numel())
-    for i in rest:  # restore first, so arriving positions that were leaving ones read their original
-        (old,), (flag,) = exchange([(flats[i][0], flats[i][1], flats[i][2], flats[i][3])])
-        (backup,), (written,) = gather_add_scatter([(flats[i][0], flats[i][4], flats[i][5])], alphas[i])
-        olds[i], changed[i], backups[i], writtens[i] = old, flag, backup, written
+    if rest:  # restore first, so arriving positions that were leaving ones read their original
+        restored, flags = exchange([flats[i][:4] for i in rest])
+        for i, old, flag in zip(rest, restored, flags):
+            olds[i], changed[i] = old, flag
+        by_alpha: dict[float, list[int]] = {}
+        for i in rest:
+            by_alpha.setdefault(alphas[i], []).append(i)
+        for alpha, members in by_alpha.items():
+            for i, backup, written in zip(members, *gather_add_scatter([(flats[i][0], flats[i][4], flats[i][5]) for i in members], alpha)):
+                backups[i], writtens[i] = backup, written
     for (_, index_dtype), members in groups.items():
         weights = [flats[i][0] for i in members]
         leaving, backup, expected, arriving, deltas = ([flats[i][k].contiguous() for i in members] for k in range(1, 6))

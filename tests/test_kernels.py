@@ -94,6 +94,16 @@ def test_grow_exchange_reads_originals_where_fresh_and_compares_elsewhere(path, 
         assert torch.equal(weight.view(-1)[index], want)
 
 
+def test_merge_gives_the_sorted_union_and_where_each_side_landed(path):
+    generator = torch.Generator().manual_seed(11)
+    sizes = ((1_000, 2_000), (0, 50), (60, 0), (0, 0), (300_000, 200_000))
+    pairs = [tuple(torch.randperm(1_000_000, generator=generator)[:n].sort().values for n in pair) for pair in sizes]
+    pairs.append((pairs[0][0], pairs[0][0].clone()))  # the same positions on both sides
+    for (first, second), (union, first_slots, second_slots) in zip(pairs, kernels.merge(pairs)):
+        assert torch.equal(union, torch.cat([first, second]).unique(sorted=True))
+        assert torch.equal(union[first_slots], first) and torch.equal(union[second_slots], second)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_exchange_flags_exactly_the_weights_someone_else_changed(path, dtype):
     weights, positions, _ = weights_and_jobs(dtype, seed=7)
