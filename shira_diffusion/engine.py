@@ -390,43 +390,60 @@ class ScatterEngine:
         merge) without reading the weights; returns {key: which union positions are new}. The next `_write` reads
         the originals there (the live weight still holds W0 at positions never written) while it writes: until then
         their backup is -0.0, the sum's identity (-0.0 + x is x, even for x = -0.0)."""
-        unread = {}
+        unread, moves = {}, []
         merged = kernels.merge([(self.targets[key].positions, entry.positions) for key, _, entry in growing])
-        for (key, name, entry), (union, old_slots, new_slots) in zip(growing, merged):
+        for (key, name, entry), (union, old_slots, new_slots, fresh) in zip(growing, merged):
             target = self.targets[key]
             if union.numel() > target.positions.numel():
-                fresh = torch.ones_like(union, dtype=torch.bool)
-                fresh[old_slots] = False
                 backup = torch.full_like(union, -0.0, dtype=target.backup.dtype)
                 written = backup.clone()
-                backup[old_slots], written[old_slots] = target.backup, target.written
+                moves += [(backup, old_slots, target.backup), (written, old_slots, target.written)]
                 for other in target.entries.values():
                     other.slots = old_slots if other.slots is None else old_slots[other.slots]
                 target.positions, target.backup, target.written = union, backup, written
                 unread[key] = fresh
             entry.slots = None if entry.positions.numel() == union.numel() else new_slots  # None: it is the union
             target.entries[name] = entry
+        kernels.scatter(moves)  # the old backups into their places in the widened ones
         return unread
 
     def _shrink(self, keys: list[str]) -> None:
         """Positions no loaded adapter holds any more leave the union (their originals are back in the weight)."""
+        shrinking = []
         for key in keys:
             target = self.targets[key]
             if not target.entries:
                 del self.targets[key]  # releases the backup memory
-                continue
-            if any(entry.slots is None for entry in target.entries.values()):
-                continue  # one adapter holds every position
-            keep = torch.zeros_like(target.positions, dtype=torch.bool)
-            for entry in target.entries.values():
-                keep[entry.slots] = True
-            if bool(keep.all()):
-                continue
-            renumbered = torch.cumsum(keep, 0) - 1
-            target.positions, target.backup, target.written = target.positions[keep], target.backup[keep], target.written[keep]
-            for entry in target.entries.values():
-                same = entry.positions.numel() == target.positions.numel()
-                entry.slots = None if same else renumbered[entry.slots]
+            elif all(entry.slots is not None for entry in target.entries.values()):  # else one adapter holds them all
+                shrinking.append(target)
+        # The union slots still held, and each entry's slots in them, by merging the entries' (sorted) slots.
+        kept = [None] * len(shrinking)
+        renumbered: list[dict[str, torch.Tensor | None]] = [{} for _ in shrinking]
+        for step in range(max((len(t.entries) for t in shrinking), default=0)):
+            pairs, jobs = [], []
+            for i, target in enumerate(shrinking):
+                if step < len(target.entries):
+                    name, entry = list(target.entries.items())[step]
+                    if kept[i] is None:
+                        kept[i], renumbered[i][name] = entry.slots, None  # None: 0..n-1, in the first entry's order
+                    else:
+                        pairs.append((kept[i], entry.slots))
+                        jobs.append((i, name))
+            for (i, name), (union, first_slots, second_slots, _) in zip(jobs, kernels.merge(pairs)):
+                for prior, slots in renumbered[i].items():
+                    renumbered[i][prior] = first_slots if slots is None else first_slots[slots]
+                renumbered[i][name], kept[i] = second_slots, union
+        smaller = [i for i, (target, keep) in enumerate(zip(shrinking, kept)) if keep.numel() < target.positions.numel()]
+        values = kernels.gather([(array, kept[i]) for i in smaller for array in (shrinking[i].positions, shrinking[i].backup, shrinking[i].written)])
+        for n, i in enumerate(smaller):
+            target, count = shrinking[i], kept[i].numel()
+            target.positions, target.backup, target.written = values[3 * n: 3 * n + 3]
+            for name, entry in target.entries.items():
+                slots = renumbered[i][name]
+                if entry.positions.numel() == count:
+                    entry.slots = None  # it is the union now
+                else:
+                    entry.slots = torch.arange(count, device=target.positions.device) if slots is None else slots
 
     def _sums(self, target: _Target) -> torch.Tensor:
         """W0 + the sum of the active adapters' alpha * S at the target's positions, uncast: fp32 (fp64 weights: fp64)."""
@@ -468,11 +485,8 @@ class ScatterEngine:
             for i, old, flag in zip(plain, got, flags):
                 olds[i], changed[i] = old, flag
             got, wrote, flags = kernels.grow_exchange([(targets[i].parameter.data, targets[i].positions, self._sums(targets[i]),
-                                                        targets[i].written, unread[keys[i]]) for i in growing])
-        for i, old, written, flag in zip(growing, got, wrote, flags):
-            fresh, target = unread[keys[i]], targets[i]
-            target.backup[fresh] = old[fresh]
-            target.written[fresh] = old[fresh]  # read just now: no one else's change there
+                                                        targets[i].written, unread[keys[i]], targets[i].backup) for i in growing])
+        for i, old, written, flag in zip(growing, got, wrote, flags):  # the originals read went into backup and written
             olds[i], values[i], changed[i] = old, written, flag
         moved = [i for i, flag in enumerate(changed) if flag]
         for i in moved:

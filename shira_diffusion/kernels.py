@@ -45,7 +45,8 @@ if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
 _LOCK = threading.Lock()
 # Gather, scatter and exchange only copy (and compare) bits: every float type travels as the integer of its width
 # (numba has no float16, and comparing bits tells a changed NaN or -0 apart).
-_BITS = {torch.float32: np.int32, torch.float64: np.int64, torch.float16: np.int16, torch.bfloat16: np.int16}
+_BITS = {torch.float32: np.int32, torch.float64: np.int64, torch.float16: np.int16, torch.bfloat16: np.int16,
+         torch.int64: np.int64, torch.int32: np.int32}
 # Exponent bits that are all ones exactly for inf / NaN, by delta dtype (checked on the raw bits).
 _NONFINITE = {torch.float16: (np.int16, 0x7C00), torch.bfloat16: (np.int16, 0x7F80),
               torch.float32: (np.int32, 0x7F800000), torch.float64: (np.int64, 0x7FF0000000000000)}
@@ -140,10 +141,10 @@ if numba is not None:
             changed[c] = differs
 
     @_compiled(parallel=True, nogil=True)
-    def _grow_exchange(weights, positions, sums, expecteds, fresh, olds, writtens, sizes, chunks, changed, blike, flike, mlike, ilike):
+    def _grow_exchange(weights, positions, sums, expecteds, fresh, backups, olds, writtens, sizes, chunks, changed, blike, flike, mlike, ilike):
         # fp32 weights only (the sum needs float arithmetic). At a fresh position the weight holds the original:
-        # it is kept (the backup) and `original + sum` written; elsewhere `sum` is the value, as in _exchange.
-        # Two views of each weight: bits to compare exactly, floats to add.
+        # it goes into the backup (and the expected value) and `original + sum` is written; elsewhere `sum` is the
+        # value, as in _exchange. Two views of each weight: bits to compare exactly, floats to add.
         for c in numba.prange(chunks.shape[0]):
             job, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
             bits = _view(weights[job], sizes[job, 1], blike)
@@ -152,6 +153,7 @@ if numba is not None:
             total = _view(sums[job], sizes[job, 0], flike)[start:stop]
             expected = _view(expecteds[job], sizes[job, 0], blike)[start:stop]
             new_here = _view(fresh[job], sizes[job, 0], mlike)[start:stop]
+            backup = _view(backups[job], sizes[job, 0], blike)[start:stop]
             old = _view(olds[job], sizes[job, 0], blike)[start:stop]
             written = _view(writtens[job], sizes[job, 0], flike)[start:stop]
             differs = False
@@ -161,6 +163,7 @@ if numba is not None:
                 at = index[i]
                 old[i] = bits[at]
                 if new_here[i]:
+                    backup[i] = expected[i] = old[i]
                     value = weight[at] + total[i]  # no fastmath: the same bits as torch's fp32 add
                 else:
                     differs |= old[i] != expected[i]
@@ -206,8 +209,9 @@ if numba is not None:
             changed[c] = differs
 
     @_compiled(parallel=True, nogil=True)
-    def _merge(firsts, seconds, unions, first_slots, second_slots, sizes, counts, count_only, ilike):
-        # Sorted unique lists merged in one linear walk per job: the union, and where each entry of either landed.
+    def _merge(firsts, seconds, unions, first_slots, second_slots, onlys, sizes, counts, count_only, ilike, mlike):
+        # Sorted unique lists merged in one linear walk per job: the union, where each entry of either landed, and
+        # which union entries only the second list has.
         for job in numba.prange(sizes.shape[0]):
             n, m = sizes[job, 0], sizes[job, 1]
             first, second = _view(firsts[job], n, ilike), _view(seconds[job], m, ilike)
@@ -220,17 +224,17 @@ if numba is not None:
                     k += 1
                 counts[job] = k + (n - i) + (m - j)
                 continue
-            union = _view(unions[job], counts[job], ilike)
+            union, only = _view(unions[job], counts[job], ilike), _view(onlys[job], counts[job], mlike)
             at_first, at_second = _view(first_slots[job], n, ilike), _view(second_slots[job], m, ilike)
             while i < n or j < m:
                 if j >= m or (i < n and first[i] < second[j]):
-                    union[k], at_first[i] = first[i], k
+                    union[k], at_first[i], only[k] = first[i], k, 0
                     i += 1
                 elif i >= n or second[j] < first[i]:
-                    union[k], at_second[j] = second[j], k
+                    union[k], at_second[j], only[k] = second[j], k, 1
                     j += 1
                 else:
-                    union[k], at_first[i], at_second[j] = first[i], k, k
+                    union[k], at_first[i], at_second[j], only[k] = first[i], k, k, 0
                     i += 1
                     j += 1
                 k += 1
@@ -412,52 +416,53 @@ def exchange(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     return olds, changed
 
 
-def grow_exchange(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
+def grow_exchange(jobs: Sequence[tuple[torch.Tensor, ...]]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
     """`exchange` where some positions are new to the caller (`fresh`): there the weight still holds its original,
-    which is returned (the caller's backup) and `original + sum` written; elsewhere `sum` is the value.
+    which is stored into `backup` and `expected` (in place) and `original + sum` written; elsewhere `sum` is the value.
 
-    Each job: (weight, sorted positions, sums, expected, fresh), `sums` in the accumulation dtype (fp32, fp64 for
-    fp64 weights), `expected` in the weight's dtype (compared at the other positions only), `fresh` bool. Every
-    value is cast once to the weight's dtype. Returns (what each weight held there, what was written, whether any
-    position that is not fresh differed from `expected`). One pass on CPU fp32 weights; otherwise gather, torch
-    arithmetic, scatter (the same bits).
-    Usage: olds, written, changed = grow_exchange([(weight, positions, sums, expected, fresh)])
+    Each job: (weight, sorted positions, sums, expected, fresh, backup), `sums` in the accumulation dtype (fp32, fp64
+    for fp64 weights), `expected` and `backup` in the weight's dtype, `fresh` bool. Every value is cast once to the
+    weight's dtype. Returns (what each weight held there, what was written, whether any position that is not fresh
+    differed from `expected`). One pass on CPU fp32 weights; otherwise gather, torch arithmetic, scatter (same bits).
+    Usage: olds, written, changed = grow_exchange([(weight, positions, sums, expected, fresh, backup)])
     """
-    flats = [(weight.view(-1), positions, sums.contiguous(), expected.contiguous(), fresh.contiguous()) for weight, positions, sums, expected, fresh in jobs]
+    flats = [(weight.view(-1), *rest) for weight, *rest in jobs]
     olds: list[torch.Tensor | None] = [None] * len(flats)
     writtens: list[torch.Tensor | None] = [None] * len(flats)
     changed = [False] * len(flats)
-    groups, rest = _split(flats, lambda w, p, s, e, f: w.dtype == s.dtype == e.dtype == torch.float32 and f.dtype == torch.bool
-                          and s.numel() == e.numel() == f.numel() == p.numel())
+    groups, rest = _split(flats, lambda w, p, s, e, f, b: w.dtype == s.dtype == e.dtype == b.dtype == torch.float32
+                          and f.dtype == torch.bool and s.numel() == e.numel() == f.numel() == b.numel() == p.numel())
     if rest:
         gathered = gather([flats[i][:2] for i in rest])
         for i, old in zip(rest, gathered):
-            weight, _, sums, expected, fresh = flats[i]
+            weight, _, sums, expected, fresh, backup = flats[i]
             olds[i] = old
             writtens[i] = torch.where(fresh, old.to(sums.dtype) + sums, sums).to(weight.dtype)
             changed[i] = not torch.equal(as_bits(old)[~fresh], as_bits(expected)[~fresh])
+            backup[fresh] = expected[fresh] = old[fresh]
         scatter([(flats[i][0], flats[i][1], writtens[i]) for i in rest])
     for (_, index_dtype), members in groups.items():
         weights, positions = [flats[i][0] for i in members], [flats[i][1] for i in members]
-        sums, expected, fresh = [flats[i][2] for i in members], [flats[i][3] for i in members], [flats[i][4] for i in members]
+        sums, expected, fresh, backups = ([flats[i][k] for i in members] for k in (2, 3, 4, 5))
         kept = [torch.empty(p.numel(), dtype=torch.float32) for p in positions]
         written = [torch.empty(p.numel(), dtype=torch.float32) for p in positions]
         sizes, chunks = _chunks(weights, positions)
         flags = np.zeros(len(chunks), dtype=np.bool_)
         with _launch():
             _grow_exchange(_addresses(weights), _addresses(positions), _addresses(sums), _addresses(expected), _addresses(fresh),
-                           _addresses(kept), _addresses(written), sizes, chunks, flags, _like(np.int32), _like(np.float32),
-                           _like(np.uint8), _like(_INDEX[index_dtype]))
+                           _addresses(backups), _addresses(kept), _addresses(written), sizes, chunks, flags, _like(np.int32),
+                           _like(np.float32), _like(np.uint8), _like(_INDEX[index_dtype]))
         moved = set(chunks[flags, 0].tolist())
         for j, (i, old, values) in enumerate(zip(members, kept, written)):
             olds[i], writtens[i], changed[i] = old, values, j in moved
     return olds, writtens, changed
 
 
-def merge(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """For each (first, second), both sorted unique int64 positions: (their sorted union, where each entry of `first`
-    sits in it, where each entry of `second` sits in it). One linear walk per pair on CPUs; torch elsewhere.
-    Usage: union, first_slots, second_slots = merge([(old_positions, new_positions)])[0]
+def merge(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For each (first, second), both sorted unique int64: (their sorted union, where each entry of `first` sits in it,
+    where each entry of `second` sits in it, which union entries are not in `first`). One linear walk per pair on
+    CPUs; torch elsewhere.
+    Usage: union, first_slots, second_slots, new = merge([(old_positions, new_positions)])[0]
     """
     results: list[tuple | None] = [None] * len(pairs)
     members = [i for i, pair in enumerate(pairs) if numba is not None and all(
@@ -465,21 +470,26 @@ def merge(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torc
     for i in sorted(set(range(len(pairs))) - set(members)):
         first, second = pairs[i]
         union = torch.cat([first, second]).unique(sorted=True)
-        results[i] = (union, torch.searchsorted(union, first), torch.searchsorted(union, second))
+        first_slots = torch.searchsorted(union, first)
+        only_second = torch.ones_like(union, dtype=torch.bool)
+        only_second[first_slots] = False
+        results[i] = (union, first_slots, torch.searchsorted(union, second), only_second)
     if members:
         firsts, seconds = [pairs[i][0] for i in members], [pairs[i][1] for i in members]
         sizes = np.array([(a.numel(), b.numel()) for a, b in zip(firsts, seconds)], dtype=np.int64).reshape(-1, 2)
         counts = np.zeros(len(members), dtype=np.int64)
-        ilike = _like(np.int64)
-        with _launch():
-            _merge(_addresses(firsts), _addresses(seconds), _addresses(firsts), _addresses(firsts), _addresses(seconds), sizes, counts, True, ilike)
+        ilike, mlike = _like(np.int64), _like(np.uint8)
+        with _launch():  # first the union sizes, then the merge into tensors of those sizes
+            _merge(_addresses(firsts), _addresses(seconds), _addresses(firsts), _addresses(firsts), _addresses(seconds), _addresses(firsts),
+                   sizes, counts, True, ilike, mlike)
         unions = [torch.empty(int(count), dtype=torch.int64) for count in counts]
+        onlys = [torch.empty(int(count), dtype=torch.bool) for count in counts]
         first_slots, second_slots = [torch.empty_like(a) for a in firsts], [torch.empty_like(b) for b in seconds]
         with _launch():
-            _merge(_addresses(firsts), _addresses(seconds), _addresses(unions), _addresses(first_slots), _addresses(second_slots), sizes,
-                   counts, False, ilike)
+            _merge(_addresses(firsts), _addresses(seconds), _addresses(unions), _addresses(first_slots), _addresses(second_slots),
+                   _addresses(onlys), sizes, counts, False, ilike, mlike)
         for j, i in enumerate(members):
-            results[i] = (unions[j], first_slots[j], second_slots[j])
+            results[i] = (unions[j], first_slots[j], second_slots[j], onlys[j])
     return results
 
 

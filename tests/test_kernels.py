@@ -86,12 +86,17 @@ def test_grow_exchange_reads_originals_where_fresh_and_compares_elsewhere(path, 
     expected = [w.view(-1)[p].clone() for w, p in zip(weights, positions)]
     expected[1][~fresh[1]] = 0  # differs at a position that is not fresh: flagged
     expected[3][fresh[3]] = 0  # differs only where fresh: not compared
-    olds, written, changed = kernels.grow_exchange(list(zip(weights, positions, sums, expected, fresh)))
+    backups = [torch.full((p.numel(),), -0.0, dtype=dtype) for p in positions]
+    old_backups, old_expected = [b.clone() for b in backups], [e.clone() for e in expected]
+    olds, written, changed = kernels.grow_exchange(list(zip(weights, positions, sums, expected, fresh, backups)))
     assert changed == [False, True, False, False]
     for weight, original, index, new, total, old, values in zip(weights, originals, positions, fresh, sums, olds, written):
         want = torch.where(new, original.view(-1)[index].to(accumulate) + total, total).to(dtype)
         assert torch.equal(old, original.view(-1)[index]) and torch.equal(values, want)
         assert torch.equal(weight.view(-1)[index], want)
+    for new, old, backup, before, seen, seen_before in zip(fresh, olds, backups, old_backups, expected, old_expected):
+        # the originals read at fresh positions went into the backup and the expected values; nothing else moved
+        assert torch.equal(backup, torch.where(new, old, before)) and torch.equal(seen, torch.where(new, old, seen_before))
 
 
 def test_merge_gives_the_sorted_union_and_where_each_side_landed(path):
@@ -99,9 +104,10 @@ def test_merge_gives_the_sorted_union_and_where_each_side_landed(path):
     sizes = ((1_000, 2_000), (0, 50), (60, 0), (0, 0), (300_000, 200_000))
     pairs = [tuple(torch.randperm(1_000_000, generator=generator)[:n].sort().values for n in pair) for pair in sizes]
     pairs.append((pairs[0][0], pairs[0][0].clone()))  # the same positions on both sides
-    for (first, second), (union, first_slots, second_slots) in zip(pairs, kernels.merge(pairs)):
+    for (first, second), (union, first_slots, second_slots, only_second) in zip(pairs, kernels.merge(pairs)):
         assert torch.equal(union, torch.cat([first, second]).unique(sorted=True))
         assert torch.equal(union[first_slots], first) and torch.equal(union[second_slots], second)
+        assert torch.equal(only_second, ~torch.isin(union, first))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
