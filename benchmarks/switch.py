@@ -65,7 +65,9 @@ def main() -> None:
     ours.update(timed)
     pipe.unload_shira_weights()
     pipe.load_shira_weights(file_a, adapter_name="A")
-    pipe.load_shira_weights(file_b, adapter_name="B")
+    ours["load B beside A (for fusion; shared weights)"] = median_ms(
+        lambda: pipe.load_shira_weights(file_b, adapter_name="B"), repeats,
+        setup=lambda: "B" in pipe.get_shira_adapters() and pipe.unload_shira_weights("B"))
     flip = {"on": "A"}
 
     def preloaded():

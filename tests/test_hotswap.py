@@ -148,3 +148,27 @@ def test_fp64_weights_keep_their_bits_where_no_active_adapter_writes():
     assert_same_bits(snapshot(pipe), snapshot(only_a))
     pipe.unload_shira_weights()
     assert_unchanged(pipe, before)
+
+
+def test_the_torch_path_used_on_gpus_gives_the_same_bits(monkeypatch):
+    # Without the compiled loops (GPUs, installs without numba) every step runs as torch ops: the same bits.
+    from shira_diffusion import kernels
+
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    pipes = tiny_pipeline("sd"), tiny_pipeline("sd")
+    before = snapshot(pipes[0])
+    first, second, other = (random_adapter(pipes[0], seed, density=0.3, scale=2.0) for seed in (0, 1, 2))
+    steps = [lambda p: p.load_shira_weights(first, adapter_name="style"),
+             lambda p: p.load_shira_weights(second, alpha=0.6, adapter_name="style", hotswap=True),  # alone: one pass
+             lambda p: p.load_shira_weights(other, alpha=-0.5, adapter_name="other"),  # beside: unions widen
+             lambda p: p.load_shira_weights(first, adapter_name="style", hotswap=True),  # shared: general path
+             lambda p: p.unload_shira_weights("other"),  # unions shrink
+             lambda p: p.unload_shira_weights()]
+    compiled = kernels.numba
+    for step in steps:
+        for pipe, numba in zip(pipes, (compiled, None)):
+            monkeypatch.setattr(kernels, "numba", numba)
+            step(pipe)
+        assert_same_bits(snapshot(pipes[0]), snapshot(pipes[1]))
+    assert_unchanged(pipes[1], before)
