@@ -51,8 +51,22 @@ def main() -> None:
     pipe.unload_shira_weights()
     rows = [{"method": "shira-diffusion (attention-only <-> FF-only adapters)", "switches": 10, "recompilations": ours, "ms per switch + step": per_switch}]
 
-    # diffusers hotswap: same two target sets as LoRAs.
+    # the same with our hotswap from files: one adapter name, its target set changing at every switch
     work = Path(tempfile.mkdtemp())
+    shira_files = {"attn": attention.save(work / "attn.safetensors"), "ff": feedforward.save(work / "ff.safetensors")}
+    pipe.load_shira_weights(shira_files["attn"], adapter_name="hot")
+    torch._dynamo.reset()
+    compiled = torch.compile(unet, backend=args.backend)
+    with torch.no_grad():
+        compiled(*inputs)
+        start = recompiles()
+        order = iter(["ff", "attn"] * 5)
+        per_switch = median_ms(lambda: (pipe.load_shira_weights(shira_files[next(order)], adapter_name="hot", hotswap=True), compiled(*inputs)), 10, warmup=0)
+        rows.append({"method": "shira-diffusion hotswap=True from files (attention-only <-> FF-only)", "switches": 10,
+                     "recompilations": recompiles() - start, "ms per switch + step": per_switch})
+    pipe.unload_shira_weights()
+
+    # diffusers hotswap: same two target sets as LoRAs.
     generator = torch.Generator().manual_seed(0)
     files = {}
     for label, keep in (("attn", ".attn"), ("ff", ".ff.")):

@@ -34,5 +34,5 @@ def test_benchmark_smoke(name, tmp_path):
         ours = next(r for r in result["rows"] if r["file"] == "shira-diffusion fp16")
         peft = next(r for r in result["rows"] if r["file"].startswith("PEFT"))
         assert ours["bytes per parameter"] < peft["bytes per parameter"]
-    if name == "compile":
-        assert result["rows"][0]["recompilations"] == 0
+    if name == "compile":  # switching sets and hotswapping from files: no recompilation
+        assert [row["recompilations"] for row in result["rows"][:2]] == [0, 0]
