@@ -23,6 +23,18 @@ def recompiles() -> int:
     return int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0
 
 
+def under_compile(unet, backend: str, inputs: tuple, switch) -> tuple[int, float]:
+    """Compile `unet`, then 10 times: `switch("ff" / "attn")` and a compiled step. (recompilations, median ms)"""
+    torch._dynamo.reset()
+    compiled = torch.compile(unet, backend=backend)
+    with torch.no_grad():
+        compiled(*inputs)
+        start = recompiles()
+        order = iter(["ff", "attn"] * 5)
+        per_switch = median_ms(lambda: (switch(next(order)), compiled(*inputs)), 10, warmup=0)
+        return recompiles() - start, per_switch
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--backend", default="eager")
@@ -40,31 +52,19 @@ def main() -> None:
     pipe.load_shira_weights(attention, adapter_name="attn")
     pipe.load_shira_weights(feedforward, adapter_name="ff")
     pipe.set_shira_adapters("attn")
-    torch._dynamo.reset()
-    compiled = torch.compile(unet, backend=args.backend)
-    with torch.no_grad():
-        compiled(*inputs)
-        start = recompiles()
-        order = iter(["ff", "attn"] * 5)
-        per_switch = median_ms(lambda: (pipe.set_shira_adapters(next(order)), compiled(*inputs)), 10, warmup=0)
-        ours = recompiles() - start
+    count, per_switch = under_compile(unet, args.backend, inputs, lambda label: pipe.set_shira_adapters(label))
     pipe.unload_shira_weights()
-    rows = [{"method": "shira-diffusion (attention-only <-> FF-only adapters)", "switches": 10, "recompilations": ours, "ms per switch + step": per_switch}]
+    rows = [{"method": "shira-diffusion (attention-only <-> FF-only adapters)", "switches": 10, "recompilations": count, "ms per switch + step": per_switch}]
 
     # the same with our hotswap from files: one adapter name, its target set changing at every switch
     work = Path(tempfile.mkdtemp())
     shira_files = {"attn": attention.save(work / "attn.safetensors"), "ff": feedforward.save(work / "ff.safetensors")}
     pipe.load_shira_weights(shira_files["attn"], adapter_name="hot")
-    torch._dynamo.reset()
-    compiled = torch.compile(unet, backend=args.backend)
-    with torch.no_grad():
-        compiled(*inputs)
-        start = recompiles()
-        order = iter(["ff", "attn"] * 5)
-        per_switch = median_ms(lambda: (pipe.load_shira_weights(shira_files[next(order)], adapter_name="hot", hotswap=True), compiled(*inputs)), 10, warmup=0)
-        rows.append({"method": "shira-diffusion hotswap=True from files (attention-only <-> FF-only)", "switches": 10,
-                     "recompilations": recompiles() - start, "ms per switch + step": per_switch})
+    count, per_switch = under_compile(unet, args.backend, inputs,
+                                      lambda label: pipe.load_shira_weights(shira_files[label], adapter_name="hot", hotswap=True))
     pipe.unload_shira_weights()
+    rows.append({"method": "shira-diffusion hotswap=True from files (attention-only <-> FF-only)", "switches": 10,
+                 "recompilations": count, "ms per switch + step": per_switch})
 
     # diffusers hotswap: same two target sets as LoRAs.
     generator = torch.Generator().manual_seed(0)
