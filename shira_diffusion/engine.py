@@ -438,12 +438,8 @@ class ScatterEngine:
         for n, i in enumerate(smaller):
             target, count = shrinking[i], kept[i].numel()
             target.positions, target.backup, target.written = values[3 * n: 3 * n + 3]
-            for name, entry in target.entries.items():
-                slots = renumbered[i][name]
-                if entry.positions.numel() == count:
-                    entry.slots = None  # it is the union now
-                else:
-                    entry.slots = torch.arange(count, device=target.positions.device) if slots is None else slots
+            for name, entry in target.entries.items():  # (a first entry left alone is the whole union: None)
+                entry.slots = None if entry.positions.numel() == count else renumbered[i][name]
 
     def _sums(self, target: _Target) -> torch.Tensor:
         """W0 + the sum of the active adapters' alpha * S at the target's positions, uncast: fp32 (fp64 weights: fp64)."""
