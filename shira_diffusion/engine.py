@@ -60,6 +60,14 @@ def _alpha(strength: Strength, key: str) -> float:
     return scale[max(holding, key=len)] if holding else 1.0
 
 
+def _rebased(backup: torch.Tensor, found: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """The backup with another writer's change (what the weight held, `found`, minus what we had written there,
+    `expected`) taken in as a change of the base, where any bit differs; elsewhere unchanged."""
+    wide = torch.promote_types(found.dtype, torch.float64)  # one rounding: the cast back
+    rebased = (backup.to(wide) + (found.to(wide) - expected.to(wide))).to(found.dtype)
+    return torch.where(kernels.as_bits(found) != kernels.as_bits(expected), rebased, backup)
+
+
 def _spellings(name: str) -> tuple[str, ...]:
     """`name`, then the spelling with / without transformers' `text_model.` prefix: transformers 5 dropped it
     from CLIPTextModel's weight names (CLIPTextModelWithProjection keeps it), so files name either."""
@@ -75,6 +83,11 @@ class _Entry:
     deltas: torch.Tensor  # fp32: the accumulation dtype, so a write does no per-adapter cast
     key: str  # "<component>.<weight>" as the adapter names it: what its per-prefix strengths are matched against
     slots: torch.Tensor | None = None  # index into the target's union; None when it *is* the union
+
+    @classmethod
+    def of(cls, component: str, param_name: str, delta, device: torch.device) -> "_Entry":
+        return cls(delta.positions.to(device=device, dtype=torch.int64), delta.deltas.to(device=device, dtype=torch.float32),
+                   f"{component}.{param_name}")
 
 
 @dataclass
@@ -221,9 +234,7 @@ class ScatterEngine:
             fresh, joined = [], []  # weights nothing touched yet / weights other adapters already touch
             for (component, param_name, delta), (key, parameter) in zip(adapter.items(), parameters):
                 self._bring_to(key, parameter)
-                device = parameter.device
-                entry = _Entry(delta.positions.to(device=device, dtype=torch.int64), delta.deltas.to(device=device, dtype=torch.float32),
-                               f"{component}.{param_name}")
+                entry = _Entry.of(component, param_name, delta, parameter.device)
                 target = self.targets.get(key)
                 if target is None:
                     fresh.append((key, parameter, entry))
@@ -273,9 +284,7 @@ class ScatterEngine:
             arriving: dict[str, tuple[nn.Parameter, _Entry]] = {}
             for (component, param_name, delta), (key, parameter) in zip(adapter.items(), parameters):
                 self._bring_to(key, parameter)
-                device = parameter.device
-                arriving[key] = (parameter, _Entry(delta.positions.to(device=device, dtype=torch.int64),
-                                                   delta.deltas.to(device=device, dtype=torch.float32), f"{component}.{param_name}"))
+                arriving[key] = (parameter, _Entry.of(component, param_name, delta, parameter.device))
             alone = all(self.targets[key].entries.keys() <= {name} for key in {*leaving, *arriving} if key in self.targets)
             self.alphas[name], self.adapters[name] = strength, adapter
             if alone and self.enabled and name in self.active:
@@ -325,9 +334,7 @@ class ScatterEngine:
         """After a switch pass found another writer's changes at leaving positions (as `_write` does): they stay in
         the weight as a change of the base, also under the arriving adapter. Returns the arriving (backup, written)."""
         weight, leaving, leaving_backup, expected, arriving, deltas = job
-        differs = kernels.as_bits(old) != kernels.as_bits(expected)
-        wide = torch.promote_types(old.dtype, torch.float64)  # one rounding: the cast back
-        rebased = torch.where(differs, (leaving_backup.to(wide) + (old.to(wide) - expected.to(wide))).to(old.dtype), leaving_backup)
+        rebased = _rebased(leaving_backup, old, expected)
         shared_out, shared_in = torch.isin(leaving, arriving), torch.isin(arriving, leaving)
         backup, written = backup.clone(), written.clone()
         backup[shared_in] = rebased[shared_out]
@@ -486,11 +493,8 @@ class ScatterEngine:
             olds[i], values[i], changed[i] = old, written, flag
         moved = [i for i, flag in enumerate(changed) if flag]
         for i in moved:
-            target, old = targets[i], olds[i]
-            differs = kernels.as_bits(old) != kernels.as_bits(target.written)
-            wide = torch.promote_types(old.dtype, torch.float64)  # one rounding: the cast back
-            rebased = (target.backup.to(wide) + (old.to(wide) - target.written.to(wide))).to(old.dtype)
-            target.backup = torch.where(differs, rebased, target.backup)
+            target = targets[i]
+            target.backup = _rebased(target.backup, olds[i], target.written)
             values[i] = self._values(target)
         if moved:
             with torch.no_grad():
