@@ -21,12 +21,32 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 RESULTS = Path(__file__).parent / "results"
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parser(description: str, device: bool = False) -> argparse.ArgumentParser:
+    """The flags every benchmark takes; `device=True` adds --device for those that also run on a GPU."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--smoke", action="store_true", help="tiny pipeline, a few seconds")
     p.add_argument("--out", default=str(RESULTS), help="where to write <name>.json / <name>.md")
     p.add_argument("--repeats", type=int, default=5)
+    if device:
+        p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="where the models run (default: cuda when torch sees one)")
     return p
+
+
+def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """`p.parse_args()`, refusing --device cuda where torch sees no GPU (a clear message, not a traceback)."""
+    args = p.parse_args()
+    if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device on this machine")
+    return args
+
+
+def half(device: str) -> torch.dtype:
+    """The dtype a diffusers user runs a pipeline in there: fp16 on GPUs, fp32 on CPUs."""
+    return torch.float16 if device == "cuda" else torch.float32
 
 
 def machine() -> dict:
@@ -95,7 +115,7 @@ def write_result(name: str, rows: list[dict], out: str | Path, notes: list[str] 
     return result
 
 
-def sd15_unet(smoke: bool, dtype: torch.dtype = torch.float32):
+def sd15_unet(smoke: bool, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """SD 1.5's UNet architecture with random weights (860 M parameters), or the tiny one for --smoke."""
     from diffusers import UNet2DConditionModel
 
@@ -103,17 +123,17 @@ def sd15_unet(smoke: bool, dtype: torch.dtype = torch.float32):
 
     torch.manual_seed(0)
     unet = tiny_pipeline("sd").unet if smoke else UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
-    return unet.to(dtype).eval().requires_grad_(False)
+    return unet.to(device, dtype).eval().requires_grad_(False)
 
 
-def sd15_pipeline(smoke: bool, dtype: torch.dtype = torch.float32):
+def sd15_pipeline(smoke: bool, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A ShiraStableDiffusionPipeline whose UNet is SD 1.5-shaped (tiny VAE / text encoder: not adapted here)."""
     from shira_diffusion import ShiraStableDiffusionPipeline
     from shira_diffusion.testing import tiny_components
 
     components = tiny_components("sd")
-    components["unet"] = sd15_unet(smoke, dtype)
-    pipe = ShiraStableDiffusionPipeline(**components)
+    components["unet"] = sd15_unet(smoke, dtype, device)
+    pipe = ShiraStableDiffusionPipeline(**components).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -158,9 +178,16 @@ def free() -> None:
         torch.cuda.empty_cache()
 
 
-def memory_bandwidth_gbs(size_mb: int = 512) -> float:
-    """Copy bandwidth (bytes read + written per second) of this machine, GB/s."""
-    source = torch.ones(size_mb * 2**20 // 4)
+def memory_bandwidth_gbs(size_mb: int = 512, device: str = "cpu") -> float:
+    """Copy bandwidth (bytes read + written per second) of this machine's memory, or of the GPU's, GB/s."""
+    source = torch.ones(size_mb * 2**20 // 4, device=device)
     target = torch.empty_like(source)
     ms = median_ms(lambda: target.copy_(source), repeats=5)
     return 2 * source.numel() * 4 / (ms / 1000) / 1e9
+
+
+def host_to_device_gbs(size_mb: int = 256) -> float:
+    """Bytes per second from (pageable) host memory to the GPU, GB/s: what an adapter read from a file crosses."""
+    source = torch.ones(size_mb * 2**20 // 4)
+    ms = median_ms(lambda: source.to("cuda"), repeats=5)
+    return source.numel() * 4 / (ms / 1000) / 1e9

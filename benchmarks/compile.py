@@ -1,10 +1,10 @@
 """Compiled UNet: recompilations and time per switch over 10 switches between adapters with *different*
 target sets, this package vs diffusers' LoRA hotswap (`enable_lora_hotswap` + `load_lora_weights(hotswap=True)`).
 
-torch.compile's backend is "eager" by default: guards and recompilations behave as with inductor, without
-minutes of CPU code generation (pass --backend inductor on a GPU machine).
+On the CPU, torch.compile's backend is "eager" by default: guards and recompilations behave as with inductor,
+without minutes of CPU code generation. On a GPU the default is inductor, the UNet in fp16 at 64x64 latents.
 
-Usage: python -m benchmarks.compile [--smoke] [--backend eager]
+Usage: python -m benchmarks.compile [--smoke] [--device cpu|cuda] [--backend eager|inductor]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .common import median_ms, parser, sd15_pipeline, shira_adapter, target_weights, write_result
+from .common import half, median_ms, parse, parser, sd15_pipeline, shira_adapter, target_weights, write_result
 
 
 def recompiles() -> int:
@@ -36,15 +36,18 @@ def under_compile(unet, backend: str, inputs: tuple, switch) -> tuple[int, float
 
 
 def main() -> None:
-    p = parser(__doc__)
-    p.add_argument("--backend", default="eager")
-    args = p.parse_args()
+    p = parser(__doc__, device=True)
+    p.add_argument("--backend", help="torch.compile backend (default: eager on the CPU, inductor on a GPU)")
+    args = parse(p)
+    backend = args.backend or ("inductor" if args.device == "cuda" else "eager")
     from diffusers import StableDiffusionPipeline
 
-    pipe = sd15_pipeline(args.smoke)
+    dtype = half(args.device)
+    pipe = sd15_pipeline(args.smoke, dtype, args.device)
     unet = pipe.unet
-    size = 8 if not args.smoke else unet.config.sample_size
-    inputs = (torch.randn(1, 4, size, size), torch.tensor([500]), torch.randn(1, 77, unet.config.cross_attention_dim))
+    size = unet.config.sample_size if args.smoke or args.device == "cuda" else 8
+    inputs = (torch.randn(1, 4, size, size, device=args.device, dtype=dtype), torch.tensor([500], device=args.device),
+              torch.randn(1, 77, unet.config.cross_attention_dim, device=args.device, dtype=dtype))
     attention = shira_adapter(unet, seed=1)
     attention.deltas["unet"] = {n: d for n, d in attention.deltas["unet"].items() if ".attn" in n}
     feedforward = shira_adapter(unet, seed=2)
@@ -52,7 +55,7 @@ def main() -> None:
     pipe.load_shira_weights(attention, adapter_name="attn")
     pipe.load_shira_weights(feedforward, adapter_name="ff")
     pipe.set_shira_adapters("attn")
-    count, per_switch = under_compile(unet, args.backend, inputs, lambda label: pipe.set_shira_adapters(label))
+    count, per_switch = under_compile(unet, backend, inputs, lambda label: pipe.set_shira_adapters(label))
     pipe.unload_shira_weights()
     rows = [{"method": "shira-diffusion (attention-only <-> FF-only adapters)", "switches": 10, "recompilations": count, "ms per switch + step": per_switch}]
 
@@ -60,7 +63,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     shira_files = {"attn": attention.save(work / "attn.safetensors"), "ff": feedforward.save(work / "ff.safetensors")}
     pipe.load_shira_weights(shira_files["attn"], adapter_name="hot")
-    count, per_switch = under_compile(unet, args.backend, inputs,
+    count, per_switch = under_compile(unet, backend, inputs,
                                       lambda label: pipe.load_shira_weights(shira_files[label], adapter_name="hot", hotswap=True))
     pipe.unload_shira_weights()
     rows.append({"method": "shira-diffusion hotswap=True from files (attention-only <-> FF-only)", "switches": 10,
@@ -83,7 +86,7 @@ def main() -> None:
     try:
         pipe.enable_lora_hotswap(target_rank=8)
         pipe.load_lora_weights(str(files["attn"]), adapter_name="hot")
-        compiled = torch.compile(unet, backend=args.backend)
+        compiled = torch.compile(unet, backend=backend)
         with torch.no_grad():
             compiled(*inputs)
             start = recompiles()
@@ -93,8 +96,8 @@ def main() -> None:
     except Exception as error:  # diffusers refuses a hotswap to a different target set
         note = f"diffusers hotswap attn -> ff refused: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
         rows.append({"method": "diffusers LoRA hotswap", "switches": 0, "recompilations": "n/a (refused)", "ms per switch + step": ""})
-    write_result("compile", rows, args.out, [f"torch.compile backend {args.backend}; latents {size}x{size}", note or "hotswap between equal target sets works in diffusers; different sets are the case measured here",
-                                              "target: 0 recompilations"], {"smoke": args.smoke})
+    write_result("compile", rows, args.out, [f"device {args.device}, {str(dtype).removeprefix('torch.')}; torch.compile backend {backend}; latents {size}x{size}", note or "hotswap between equal target sets works in diffusers; different sets are the case measured here",
+                                              "target: 0 recompilations"], {"smoke": args.smoke, "device": args.device})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Exactness: max |W - W0| after many switch cycles in fp16 and bf16, this package vs diffusers' LoRA
-fuse/unfuse. SD 1.5-shaped UNet with random weights.
+fuse/unfuse. SD 1.5-shaped UNet with random weights, on the CPU or a GPU.
 
-Usage: python -m benchmarks.exactness [--smoke] [--cycles 1000] [--lora_cycles 50]
+Usage: python -m benchmarks.exactness [--smoke] [--device cpu|cuda] [--cycles 1000] [--lora_cycles 20]
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .common import free, lora_file, parser, sd15_pipeline, shira_adapter, write_result
+from .common import free, lora_file, parse, parser, sd15_pipeline, shira_adapter, write_result
 
 
 def drift(pipe, before: dict) -> float:
@@ -19,14 +19,14 @@ def drift(pipe, before: dict) -> float:
 
 
 def main() -> None:
-    p = parser(__doc__)
+    p = parser(__doc__, device=True)
     p.add_argument("--cycles", type=int, default=1000)
     p.add_argument("--lora_cycles", type=int, default=20, help="diffusers' fuse/unfuse costs seconds per cycle on a CPU")
-    args = p.parse_args()
+    args = parse(p)
     cycles, lora_cycles = (20, 5) if args.smoke else (args.cycles, args.lora_cycles)
     rows = []
     for dtype in (torch.float16, torch.bfloat16):
-        pipe = sd15_pipeline(args.smoke, dtype)
+        pipe = sd15_pipeline(args.smoke, dtype, args.device)
         before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
         work = Path(tempfile.mkdtemp())
         styles = [shira_adapter(pipe.unet, seed=seed) for seed in (1, 3)]  # hotswapped in turn under the name "A"
@@ -48,8 +48,8 @@ def main() -> None:
                      "diffusers LoRA cycles": lora_cycles, "diffusers LoRA max |W-W0|": drift(pipe, before)})
         del pipe, before
         free()
-    write_result("exactness", rows, args.out, ["a cycle is one switch (A, B, A+B at 0.7/0.4, or another style hotswapped into A) for us, one fuse_lora + unfuse_lora for LoRA (rank 64)",
-                                                 "target: 0 bits of drift"], {"smoke": args.smoke})
+    write_result("exactness", rows, args.out, [f"device {args.device}", "a cycle is one switch (A, B, A+B at 0.7/0.4, or another style hotswapped into A) for us, one fuse_lora + unfuse_lora for LoRA (rank 64)",
+                                                 "target: 0 bits of drift"], {"smoke": args.smoke, "device": args.device})
 
 
 if __name__ == "__main__":

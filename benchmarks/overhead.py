@@ -1,7 +1,8 @@
 """Inference overhead: one UNet denoising step with a SHiRA adapter active vs the base model vs PEFT's
-unfused LoRA (rank 64, same targets). SD 1.5-shaped UNet, batch 1, 64x64 latents (512 px), fp32 on CPU.
+unfused LoRA (rank 64, same targets). SD 1.5-shaped UNet, batch 1, 64x64 latents (512 px): fp32 on the CPU,
+fp16 on a GPU.
 
-Usage: python -m benchmarks.overhead [--smoke]
+Usage: python -m benchmarks.overhead [--smoke] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ from pathlib import Path
 
 import torch
 
-from .common import lora_file, median_ms, parser, sd15_pipeline, shira_adapter, write_result
+from .common import half, lora_file, median_ms, parse, parser, sd15_pipeline, shira_adapter, write_result
 
 
 def main() -> None:
-    args = parser(__doc__).parse_args()
-    pipe = sd15_pipeline(args.smoke)
+    args = parse(parser(__doc__, device=True))
+    dtype = half(args.device)
+    pipe = sd15_pipeline(args.smoke, dtype, args.device)
     unet = pipe.unet
     size = unet.config.sample_size
     generator = torch.Generator().manual_seed(0)
     inputs = (torch.randn(1, 4, size, size, generator=generator), torch.tensor([500]), torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator))
+    inputs = tuple(t.to(args.device, dtype) if t.is_floating_point() else t.to(args.device) for t in inputs)
 
     @torch.no_grad()
     def step():
@@ -37,8 +40,8 @@ def main() -> None:
     base = (rows[0]["ms per step"] + rows[-1]["ms per step"]) / 2
     for row in rows:
         row["vs base"] = row["ms per step"] / base
-    write_result("overhead", rows, args.out, [f"latents {size}x{size}, batch 1, fp32; base measured before and after to show the noise",
-                                               "target: SHiRA within noise of the base model"], {"smoke": args.smoke})
+    write_result("overhead", rows, args.out, [f"device {args.device}, latents {size}x{size}, batch 1, {str(dtype).removeprefix('torch.')}; base measured before and after to show the noise",
+                                               "target: SHiRA within noise of the base model"], {"smoke": args.smoke, "device": args.device})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Run every benchmark in full mode (or --smoke) and write results/summary.md: one table per benchmark,
 with the machine it ran on.
 
-Usage: python -m benchmarks.run_all [--smoke] [--only switch exactness ...]
+Usage: python -m benchmarks.run_all [--smoke] [--device cpu|cuda] [--only switch exactness ...]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from .common import RESULTS
 
 BENCHMARKS = ("switch", "exactness", "overhead", "compile", "training", "size", "masks", "eval")
+ON_DEVICE = {"switch", "exactness", "overhead", "compile", "training", "eval"}  # size and masks are CPU work
 
 
 def main() -> None:
@@ -21,10 +22,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="for the benchmarks with a GPU side (default: cuda when torch sees one)")
     args = parser.parse_args()
     out = Path(args.out)
     for name in args.only:  # one process each: no memory or compile state carried over
-        subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--out", str(out)] + (["--smoke"] if args.smoke else []), check=True)
+        device = ["--device", args.device] if args.device and name in ON_DEVICE else []
+        subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--out", str(out), *device] + (["--smoke"] if args.smoke else []), check=True)
     names = [n for name in BENCHMARKS for n in (name, *(["training_latent64"] if name == "training" else []))]
     parts = [(out / f"{name}.md").read_text() for name in names if (out / f"{name}.md").is_file()]
     (out / "summary.md").write_text("\n".join(parts))

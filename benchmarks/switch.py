@@ -1,8 +1,9 @@
 """Switching: first load, switch A->B, fuse A+B, unload — this package vs diffusers' LoRA path vs PEFT's SHiRA,
 plus the memory-traffic floor of a switch. SD 1.5-shaped UNet (random weights), adapters on its 160
-attention + FF linears: SHiRA 2 % density (fp16 values) vs LoRA rank 64.
+attention + FF linears: SHiRA 2 % density (fp16 values) vs LoRA rank 64. On the CPU in fp32, on a GPU in fp16
+(as a diffusers user runs it there; --dtype to choose).
 
-Usage: python -m benchmarks.switch [--smoke]
+Usage: python -m benchmarks.switch [--smoke] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
 """
 
 from __future__ import annotations
@@ -13,28 +14,43 @@ from pathlib import Path
 
 import torch
 
-from .common import free, lora_file, median_ms, median_ms_in_turn, memory_bandwidth_gbs, parser, sd15_pipeline, shira_adapter, target_weights, write_result
+from .common import (DTYPES, free, half, host_to_device_gbs, lora_file, median_ms, median_ms_in_turn, memory_bandwidth_gbs, parse, parser,
+                     sd15_pipeline, shira_adapter, target_weights, write_result)
 
 
 SWITCH = "switch A->B (unload A + load B from file)"
 HOTSWAP = "switch A->B (load B with hotswap=True: one call, one pass)"
 
 
-def floor_ms(files: list[Path], adapters, bandwidth_gbs: float) -> tuple[float, int]:
-    """Bytes a switch must move: the adapter files read + the 64-byte lines of the weights it touches
-    (read and written), over the measured copy bandwidth."""
+def floor_ms(files: list[Path], adapters, weight_dtype: torch.dtype, device: str, smoke: bool) -> tuple[float, dict]:
+    """Bytes a switch must move, over the bandwidth that moves them: the adapter files read (host memory), on a
+    GPU also copied to it, and the lines of the weights the adapters touch, read and written (64-byte cache lines
+    on a CPU, 32-byte sectors on a GPU), over the measured copy bandwidths. Returns (ms, what went into it)."""
+    line = 64 if device == "cpu" else 32
+    element = torch.empty(0, dtype=weight_dtype).element_size()
     lines = 0
     for adapter in adapters:
         for _, _, delta in adapter.items():
-            lines += torch.unique(delta.positions * 4 // 64).numel()  # fp32 weights: 16 per line
-    total = sum(f.stat().st_size for f in files) + 2 * 64 * lines
-    return total / (bandwidth_gbs * 1e9) * 1000, total
+            lines += torch.unique(delta.positions * element // line).numel()
+    file_bytes, weight_bytes = sum(f.stat().st_size for f in files), 2 * line * lines
+    size = 128 if smoke else 512
+    parts = {"file bytes": file_bytes, "weight bytes": weight_bytes, "host GB/s": memory_bandwidth_gbs(size)}
+    seconds = file_bytes / (parts["host GB/s"] * 1e9)
+    if device == "cpu":
+        seconds += weight_bytes / (parts["host GB/s"] * 1e9)
+    else:
+        parts["upload GB/s"], parts["GPU GB/s"] = host_to_device_gbs(size // 2), memory_bandwidth_gbs(4 * size, device)
+        seconds += file_bytes / (parts["upload GB/s"] * 1e9) + weight_bytes / (parts["GPU GB/s"] * 1e9)
+    return seconds * 1000, parts
 
 
 def main() -> None:
-    args = parser(__doc__).parse_args()
+    p = parser(__doc__, device=True)
+    p.add_argument("--dtype", choices=list(DTYPES), help="the UNet's dtype (default: fp32 on the CPU, fp16 on a GPU)")
+    args = parse(p)
     repeats, rank = args.repeats, 4 if args.smoke else 64
-    pipe = sd15_pipeline(args.smoke)
+    dtype = DTYPES[args.dtype] if args.dtype else half(args.device)
+    pipe = sd15_pipeline(args.smoke, dtype, args.device)
     unet = pipe.unet
     work = Path(tempfile.mkdtemp(prefix="shira-bench-"))
     a, b = shira_adapter(unet, seed=1), shira_adapter(unet, seed=2)
@@ -160,8 +176,7 @@ def main() -> None:
     notes.append(f"PEFT SHiRA uses r={r} (r*(m+n) entries per layer, {sum(r * (w.shape[0] + w.shape[1]) for w in weights.values()):,} in all) vs our 2 % density ({a.num_parameters:,}).")
     notes.append(f"LoRA rank {rank} on the same {len(weights)} linears; diffusers {__import__('diffusers').__version__}, peft {__import__('peft').__version__}.")
 
-    bandwidth = memory_bandwidth_gbs(128 if args.smoke else 512)
-    floor, moved = floor_ms([file_b], [a, b], bandwidth)
+    floor, moved = floor_ms([file_b], [a, b], dtype, args.device, args.smoke)
     switch = SWITCH
     for op in ours:
         same = switch if op == HOTSWAP else op  # the baselines' switch is the same operation
@@ -171,11 +186,14 @@ def main() -> None:
         if same in peft:
             row["PEFT / ours"] = peft[same] / ours[op]
         rows.append(row)
-    notes.append(f"memory floor of a switch: {moved / 1e6:.1f} MB (file read + 64-byte weight lines touched by A∪B, read and written) "
-                 f"at {bandwidth:.1f} GB/s copy bandwidth = {floor:.2f} ms; ours / floor = {ours[switch] / floor:.1f}x "
-                 f"(unload + load), {ours[HOTSWAP] / floor:.1f}x (hotswap)")
+    notes.insert(0, f"device {args.device}, UNet in {str(dtype).removeprefix('torch.')}")
+    moves = ", ".join(f"{key} {value / 1e6:.1f} MB" if "bytes" in key else f"{key} {value:.1f}" for key, value in moved.items())
+    notes.append(f"memory floor of a switch: the file read{' and copied to the GPU' if args.device == 'cuda' else ''}, and the weight lines "
+                 f"touched by A∪B read and written, at the measured copy bandwidths ({moves}) = {floor:.2f} ms; ours / floor = "
+                 f"{ours[switch] / floor:.1f}x (unload + load), {ours[HOTSWAP] / floor:.1f}x (hotswap)")
     notes.append("targets: switch >= 60x faster than diffusers LoRA, >= 10x faster than PEFT SHiRA, within 2x of the floor")
-    write_result("switch", rows, args.out, notes, {"floor_ms": floor, "bandwidth_gbs": bandwidth, "parameters": a.num_parameters, "smoke": args.smoke})
+    write_result("switch", rows, args.out, notes, {"floor_ms": floor, "floor": moved, "parameters": a.num_parameters, "smoke": args.smoke,
+                                                  "device": args.device, "dtype": str(dtype)})
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ where Linux allows), torch.cuda.max_memory_allocated on GPU.
 Step rates are measured apart from memory: all variants of a precision in one process, each on its own copy of
 the model, one step of each in turn, so a slow spell of the machine hits them alike.
 
-Usage: python -m benchmarks.training [--smoke] [--rank 64] [--steps 3] [--rounds 2] [--speed-steps 10] [--latent-size 32]
+Usage: python -m benchmarks.training [--smoke] [--device cpu|cuda] [--rank 64] [--steps 3] [--rounds 2] [--speed-steps 10] [--latent-size 32]
 (--latent-size 64, SD 1.5's 512 px, writes training_latent64.json / .md)
 """
 
@@ -50,18 +50,17 @@ def _peak_rss_mb() -> float:
     return _rss_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HALF = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _build(precision: str, smoke: bool):
+def _build(precision: str, smoke: bool, device: str):
     """SD 1.5's UNet architecture (random weights) in the precision's frozen dtype, on the device."""
     from .common import sd15_unet
 
-    return sd15_unet(smoke, HALF[precision] or torch.float32).to(DEVICE)
+    return sd15_unet(smoke, HALF[precision] or torch.float32, device)
 
 
-def _attach(unet, variant: str, precision: str, smoke: bool, rank: int, latent_size: int):
+def _attach(unet, variant: str, precision: str, smoke: bool, rank: int, latent_size: int, device: str):
     """Make `unet` trainable as the trainer does; returns (trainable, a function running one timed step)."""
     from shira_diffusion.trainables import prepare_trainable
 
@@ -75,44 +74,44 @@ def _attach(unet, variant: str, precision: str, smoke: bool, rank: int, latent_s
     trainable.track(optimizer)  # as the trainer does
     size = unet.config.sample_size if smoke else latent_size
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 4, size, size, generator=generator).to(DEVICE, half or torch.float32)
-    hidden = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator).to(DEVICE, half or torch.float32)
+    latents = torch.randn(1, 4, size, size, generator=generator).to(device, half or torch.float32)
+    hidden = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator).to(device, half or torch.float32)
 
     def step() -> float:
         start = time.perf_counter()
-        with torch.autocast(DEVICE, dtype=half, enabled=half is not None):
-            loss = unet(latents, torch.tensor([500], device=DEVICE), hidden).sample.float().square().mean()
+        with torch.autocast(device, dtype=half, enabled=half is not None):
+            loss = unet(latents, torch.tensor([500], device=device), hidden).sample.float().square().mean()
         loss.backward()
         trainable.decay_toward_base(1e-4, 1e-2)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if DEVICE == "cuda":
+        if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
     return trainable, step
 
 
-def peak_memory(variant: str, precision: str, smoke: bool, rank: int, steps: int, latent_size: int) -> dict:
+def peak_memory(variant: str, precision: str, smoke: bool, rank: int, steps: int, latent_size: int, device: str) -> dict:
     """One variant alone in this process: its peak memory, counted from the built model on (the adapter's own
     state and `steps` training steps)."""
-    unet = _build(precision, smoke)
+    unet = _build(precision, smoke, device)
     gc.collect()
-    baseline = _reset_peak_rss() if DEVICE == "cpu" else torch.cuda.memory_allocated() / 2**20
-    if DEVICE == "cuda":
+    baseline = _reset_peak_rss() if device == "cpu" else torch.cuda.memory_allocated() / 2**20
+    if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainable, step = _attach(unet, variant, precision, smoke, rank, latent_size)
+    trainable, step = _attach(unet, variant, precision, smoke, rank, latent_size, device)
     for _ in range(steps):
         step()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else _peak_rss_mb()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _peak_rss_mb()
     return {"precision": precision, "variant": variant, "trainable parameters": trainable.num_parameters,
             "peak memory MB": peak, "peak over model MB": peak - baseline}
 
 
-def step_rates(variants: list[str], precision: str, smoke: bool, rank: int, steps: int, latent_size: int) -> dict[str, float]:
+def step_rates(variants: list[str], precision: str, smoke: bool, rank: int, steps: int, latent_size: int, device: str) -> dict[str, float]:
     """All variants in this one process, each on its own copy of the model, one step of each in turn (in
     alternating order): a slow spell of a shared machine hits them alike. Returns the median steps/s per variant (after a warm-up step)."""
-    runs = {variant: _attach(_build(precision, smoke), variant, precision, smoke, rank, latent_size)[1] for variant in variants}
+    runs = {variant: _attach(_build(precision, smoke, device), variant, precision, smoke, rank, latent_size, device)[1] for variant in variants}
     times: dict[str, list[float]] = {variant: [] for variant in variants}
     for index in range(steps + 1):
         for variant in variants if index % 2 else variants[::-1]:  # alternating order: no variant always goes first
@@ -129,9 +128,9 @@ def _child(*flags: str) -> dict:
 
 
 def main() -> None:
-    from .common import parser, write_result
+    from .common import parse, parser, write_result
 
-    p = parser(__doc__)
+    p = parser(__doc__, device=True)
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--steps", type=int, default=3, help="training steps of each memory run")
     p.add_argument("--rounds", type=int, default=2, help="memory runs of every variant (medians reported)")
@@ -140,16 +139,16 @@ def main() -> None:
     p.add_argument("--variant", help="internal: measure this variant's peak memory alone and print JSON")
     p.add_argument("--speed", help="internal: comma-separated variants whose step rates are measured together")
     p.add_argument("--precision", default="fp32", help="internal: the precision of that run")
-    args = p.parse_args()
+    args = parse(p)
     rank = 2 if args.smoke else args.rank
     if args.variant:
-        print(json.dumps(peak_memory(args.variant, args.precision, args.smoke, rank, args.steps, args.latent_size)))
+        print(json.dumps(peak_memory(args.variant, args.precision, args.smoke, rank, args.steps, args.latent_size, args.device)))
         return
     if args.speed:
-        print(json.dumps(step_rates(args.speed.split(","), args.precision, args.smoke, rank, args.speed_steps, args.latent_size)))
+        print(json.dumps(step_rates(args.speed.split(","), args.precision, args.smoke, rank, args.speed_steps, args.latent_size, args.device)))
         return
-    half = "fp16" if torch.cuda.is_available() else "bf16"
-    common = ["--rank", str(rank), "--latent-size", str(args.latent_size)] + (["--smoke"] if args.smoke else [])
+    half = "fp16" if args.device == "cuda" else "bf16"
+    common = ["--rank", str(rank), "--latent-size", str(args.latent_size), "--device", args.device] + (["--smoke"] if args.smoke else [])
     settings = (("fp32", ("lora", "sparse", "hook")), (half, ("lora", "sparse")))
     memory: dict[tuple[str, str], list[dict]] = {}
     for _ in range(1 if args.smoke else args.rounds):  # rounds interleave the variants; medians per variant

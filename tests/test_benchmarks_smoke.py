@@ -36,3 +36,11 @@ def test_benchmark_smoke(name, tmp_path):
         assert ours["bytes per parameter"] < peft["bytes per parameter"]
     if name == "compile":  # switching sets and hotswapping from files: no recompilation
         assert [row["recompilations"] for row in result["rows"][:2]] == [0, 0]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_a_clear_usage_error(tmp_path):
+    found = subprocess.run([sys.executable, "-m", "benchmarks.switch", "--smoke", "--device", "cuda", "--out", str(tmp_path)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert found.returncode == 2 and "--device cuda: torch sees no CUDA device" in found.stderr
+    assert "Traceback" not in found.stderr and not list(tmp_path.iterdir())
