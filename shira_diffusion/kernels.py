@@ -208,6 +208,27 @@ if numba is not None:
                 written[k] = value
             changed[c] = differs
 
+    @_compiled(nogil=True)
+    def _pieces(leaving, arriving, sizes, first_row, rows, outside, piece, ilike):
+        # Each job's two sorted position lists cut at every `piece`-th entry of the longer one (binary searches in
+        # both), so the pieces of a switch are independent; a job whose ends fall outside its weight is reported.
+        for job in range(sizes.shape[0]):
+            n_out, n_in, numel = sizes[job, 0], sizes[job, 1], sizes[job, 2]
+            out_at, in_at = _view(leaving[job], n_out, ilike), _view(arriving[job], n_in, ilike)
+            if (n_out and (out_at[0] < 0 or out_at[n_out - 1] >= numel)) or (n_in and (in_at[0] < 0 or in_at[n_in - 1] >= numel)):
+                outside[0] = job
+                return
+            longer = out_at if n_out >= n_in else in_at
+            i = j = 0
+            for row in range(first_row[job], first_row[job + 1]):
+                rows[row, 0], rows[row, 1], rows[row, 3] = job, i, j
+                k = (row - first_row[job] + 1) * piece
+                if row + 1 < first_row[job + 1]:
+                    i, j = np.searchsorted(out_at, longer[k]), np.searchsorted(in_at, longer[k])
+                else:
+                    i, j = n_out, n_in
+                rows[row, 2], rows[row, 4] = i, j
+
     @_compiled(parallel=True, nogil=True)
     def _merge(firsts, seconds, unions, first_slots, second_slots, onlys, sizes, counts, count_only, ilike, mlike):
         # Sorted unique lists merged in one linear walk per job: the union, where each entry of either landed, and
@@ -493,18 +514,21 @@ def merge(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torc
     return results
 
 
-def _merged_pieces(leaving: Sequence[torch.Tensor], arriving: Sequence[torch.Tensor]) -> np.ndarray:
+def _merged_pieces(leaving: Sequence[torch.Tensor], arriving: Sequence[torch.Tensor], sizes: np.ndarray, index_dtype: torch.dtype) -> np.ndarray:
     """Rows (job, leaving start, stop, arriving start, stop): each job's two sorted lists cut at the same positions
-    into pieces of about _PIECE positions (cut along the longer list), so pieces are independent."""
-    rows = []
-    for job, (out_at, in_at) in enumerate(zip(leaving, arriving)):
-        out_np, in_np = out_at.numpy(), in_at.numpy()
-        longer = out_np if out_np.size >= in_np.size else in_np
-        cuts = longer[_PIECE::_PIECE]
-        out_cuts = np.concatenate([[0], np.searchsorted(out_np, cuts), [out_np.size]])
-        in_cuts = np.concatenate([[0], np.searchsorted(in_np, cuts), [in_np.size]])
-        rows += [(job, out_cuts[k], out_cuts[k + 1], in_cuts[k], in_cuts[k + 1]) for k in range(len(cuts) + 1)]
-    return np.array(rows, dtype=np.int64).reshape(-1, 5)
+    into pieces of about _PIECE positions (cut along the longer list), so pieces are independent. `sizes` rows:
+    (leaving, arriving, weight entries). Raises IndexError, before anything is written, for positions outside
+    their weight (the compiled loops do not bounds-check)."""
+    longer = np.maximum(np.maximum(sizes[:, 0], sizes[:, 1]), 1)
+    first_row = np.concatenate([[0], np.cumsum((longer - 1) // _PIECE + 1)])
+    rows = np.empty((int(first_row[-1]), 5), dtype=np.int64)
+    outside = np.full(1, -1, dtype=np.int64)
+    _pieces(_addresses(leaving), _addresses(arriving), sizes, first_row, rows, outside, _PIECE, _like(_INDEX[index_dtype]))
+    if outside[0] >= 0:
+        job = int(outside[0])
+        ends = [int(t[end]) for t in (leaving[job], arriving[job]) if t.numel() for end in (0, -1)]
+        raise IndexError(f"positions {min(ends)}..{max(ends)} outside a weight of {int(sizes[job, 2])} entries")
+    return rows
 
 
 def switch(jobs: Sequence[tuple], alphas: Sequence[float]) -> tuple[list[torch.Tensor], list[bool], list[torch.Tensor], list[torch.Tensor]]:
@@ -537,12 +561,11 @@ def switch(jobs: Sequence[tuple], alphas: Sequence[float]) -> tuple[list[torch.T
     for (_, index_dtype), members in groups.items():
         weights = [flats[i][0] for i in members]
         leaving, backup, expected, arriving, deltas = ([flats[i][k].contiguous() for i in members] for k in range(1, 6))
-        _check_bounds(weights + weights, leaving + arriving)
         kept = [torch.empty(p.numel(), dtype=torch.float32) for p in leaving]
         new_backups = [torch.empty(p.numel(), dtype=torch.float32) for p in arriving]
         written = [torch.empty(p.numel(), dtype=torch.float32) for p in arriving]
         sizes = np.array([(a.numel(), b.numel(), w.numel()) for a, b, w in zip(leaving, arriving, weights)], dtype=np.int64).reshape(-1, 3)
-        pieces = _merged_pieces(leaving, arriving)
+        pieces = _merged_pieces(leaving, arriving, sizes, index_dtype)
         flags = np.zeros(len(pieces), dtype=np.bool_)
         with _launch():
             _switch(_addresses(weights), _addresses(leaving), _addresses(backup), _addresses(expected), _addresses(kept),

@@ -165,6 +165,12 @@ def test_compiled_loops_refuse_out_of_range_positions_before_any_write():
     with pytest.raises(IndexError, match="outside a weight of 10 entries"):
         kernels.scatter([(torch.zeros(4), torch.tensor([0, 1]), torch.ones(2)), (weight, torch.tensor([3, 10]), torch.ones(2))])
     assert torch.equal(weight, torch.zeros(10))  # the loops do not bounds-check: nothing may run
+    first, second = torch.zeros(10), torch.zeros(10)
+    for leaving, arriving in ((torch.tensor([2, 4]), torch.tensor([-1, 3])), (torch.tensor([2, 12]), torch.tensor([3]))):
+        with pytest.raises(IndexError, match="outside a weight of 10 entries"):
+            kernels.switch([(first, torch.tensor([1]), torch.ones(1), torch.zeros(1), torch.tensor([5]), torch.ones(1)),
+                            (second, leaving, torch.ones(2), torch.zeros(2), arriving, torch.ones(arriving.numel()))], [1.0, 1.0])
+        assert torch.equal(first, torch.zeros(10)) and torch.equal(second, torch.zeros(10))
 
 
 def encoded(positions, deltas):
