@@ -33,6 +33,11 @@ from torch import nn
 from . import kernels
 from .format import ShiraAdapter, ShiraFormatError
 
+try:
+    from diffusers.models.attention import AttentionModuleMixin
+except ImportError:  # older diffusers: every attention is the legacy class, whose processor decides (below)
+    AttentionModuleMixin = ()
+
 
 class ShiraLoadError(ValueError):
     """An adapter does not fit the model (unknown component/weight, shape, name in use...)."""
@@ -66,6 +71,24 @@ def _rebased(backup: torch.Tensor, found: torch.Tensor, expected: torch.Tensor) 
     wide = torch.promote_types(found.dtype, torch.float64)  # one rounding: the cast back
     rebased = (backup.to(wide) + (found.to(wide) - expected.to(wide))).to(found.dtype)
     return torch.where(kernels.as_bits(found) != kernels.as_bits(expected), rebased, backup)
+
+
+# diffusers' fuse_qkv_projections() copies an attention's projections into one fused layer, which the attention
+# then reads instead: a SHiRA write into the originals would change nothing the model computes.
+_FUSED_COPIES = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"), "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+_PROJECTIONS = {projection for members in _FUSED_COPIES.values() for projection in members}
+
+
+def _fused_copy(attention: nn.Module, projection: str) -> str | None:
+    """The fused layer (diffusers' `fuse_qkv_projections`) that `attention` reads in place of its `projection`, or
+    None. Legacy attentions read it while their processor is a fused one (their unfuse only swaps the processor
+    back); the newer ones while their `fused_projections` flag is set."""
+    if isinstance(attention, AttentionModuleMixin):
+        fused = bool(getattr(attention, "fused_projections", False))
+    else:
+        fused = type(getattr(attention, "processor", None)).__name__.startswith("Fused")
+    return next((copy for copy, members in _FUSED_COPIES.items()
+                 if fused and projection in members and isinstance(getattr(attention, copy, None), nn.Module)), None)
 
 
 def _spellings(name: str) -> tuple[str, ...]:
@@ -115,6 +138,7 @@ class ScatterEngine:
         self.enabled = True
         self.adapters: dict[str, ShiraAdapter] = {}  # kept (on the CPU) for saving and inspection
         self.targets: dict[str, _Target] = {}  # "<component>.<parameter>" -> target
+        self.attentions: dict[str, nn.Module] = {}  # projection weight key -> the attention holding it (a lookup cache)
 
     # ---- validation (everything is checked before the first write) -----------------------------
     def resolve_parameter(self, component: str, name: str) -> nn.Parameter:
@@ -179,6 +203,7 @@ class ScatterEngine:
                 raise ShiraLoadError(f"{key}: weight is on the meta device (sequential CPU offload is not supported)")
             if not parameter.is_contiguous():
                 raise ShiraLoadError(f"{key}: weight is not contiguous (e.g. channels_last); flat positions need row-major storage")
+            self._check_read(target_key, parameter)
             found.append((target_key, parameter))
         return found
 
@@ -374,6 +399,26 @@ class ScatterEngine:
             if not self.targets[key].parameter.is_contiguous():
                 raise ShiraLoadError(f"{key}: weight is no longer contiguous (changed to channels_last after loading?); "
                                      "convert it back with .to(memory_format=torch.contiguous_format) before changing SHiRA adapters")
+            self._check_read(key, self.targets[key].parameter)
+
+    def _check_read(self, key: str, parameter: nn.Parameter) -> None:
+        """Refuse a write into a weight the model no longer reads (its attention's projections fused)."""
+        component, _, name = key.partition(".")
+        module_path, _, leaf = name.rpartition(".")
+        attention_path, _, projection = module_path.rpartition(".")
+        if projection not in _PROJECTIONS:
+            return
+        attention = self.attentions.get(key)
+        if attention is None or getattr(getattr(attention, projection, None), leaf, None) is not parameter:  # cached, if still its owner
+            try:
+                attention = self.attentions[key] = self.components[component].get_submodule(attention_path)
+            except AttributeError:
+                return
+        copy = _fused_copy(attention, projection)
+        if copy is not None:
+            raise ShiraLoadError(f"{key}: the model reads the fused {component}.{f'{attention_path}.' if attention_path else ''}{copy} "
+                                 "instead (fuse_qkv_projections() was called), so SHiRA writes here would have no effect; call "
+                                 "unfuse_qkv_projections() before loading, switching or unloading SHiRA adapters, and fuse again afterwards")
 
     def _keys_of(self, names: set[str]) -> list[str]:
         return [key for key, target in self.targets.items() if names & target.entries.keys()]

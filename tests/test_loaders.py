@@ -486,6 +486,44 @@ def test_layout_change_after_loading_is_refused_before_any_write(sd):
     assert_unchanged(sd, before)
 
 
+def test_writes_into_projections_the_model_no_longer_reads_are_refused(sd):
+    # diffusers' fuse_qkv_projections() makes the attention read a fused copy of to_q / to_k / to_v: writes into
+    # the originals would silently change nothing, so every verb refuses them (before any write) until unfused.
+    before = snapshot(sd)
+    sd.load_shira_weights(random_adapter(sd, 1, components=("unet",), suffixes=("to_k.weight", "ff.net.2.weight")), adapter_name="a")
+    written = snapshot(sd)
+    sd.fuse_qkv_projections(vae=False)
+    try:
+        for action in (lambda: sd.set_shira_adapters("a", 0.5), sd.disable_shira, sd.unload_shira_weights,
+                       lambda: sd.load_shira_weights(random_adapter(sd, 2, components=("unet",), suffixes=("to_v.weight",)), adapter_name="b"),
+                       lambda: sd.load_shira_weights(random_adapter(sd, 2, components=("unet",)), adapter_name="a", hotswap=True)):
+            with pytest.raises(ShiraLoadError, match=r"\.to_[qkv]\.weight: the model reads the fused unet\.\S+\.to_q?kv instead .*unfuse_qkv_projections\(\)"):
+                action()
+        assert list(sd.get_shira_adapters()) == ["a"]
+        sd.load_shira_weights(random_adapter(sd, 3, components=("unet",), suffixes=("ff.net.2.weight",)), adapter_name="ff")  # not fused: fine
+        sd.unload_shira_weights("ff")
+    finally:
+        sd.unfuse_qkv_projections(vae=False)
+    assert_unchanged(sd, written, new_layers=True)
+    sd.set_shira_adapters("a", 0.5)  # legacy attentions keep the stale fused copy but read the originals again
+    sd.unload_shira_weights()
+    assert_unchanged(sd, before, new_layers=True)
+
+
+def test_fused_projections_of_newer_attention_classes_are_refused_too():
+    pipe = tiny_pipeline("flux")
+    adapter = random_adapter(pipe, 1, components=("transformer",), suffixes=("attn.to_q.weight", "attn.add_k_proj.weight"))
+    before = snapshot(pipe)
+    pipe.transformer.fuse_qkv_projections()
+    with pytest.raises(ShiraLoadError, match=r"attn\.(to_q|add_k_proj)\.weight: the model reads the fused transformer\..*attn\.to_(added_)?qkv"):
+        pipe.load_shira_weights(adapter, adapter_name="a")
+    assert_unchanged(pipe, before, new_layers=True)
+    pipe.transformer.unfuse_qkv_projections()  # these delete the fused copies
+    pipe.load_shira_weights(adapter, adapter_name="a")
+    pipe.unload_shira_weights()
+    assert_unchanged(pipe, before)
+
+
 def test_tied_weights_are_one_target_whatever_name_an_adapter_uses():
     pipe = tiny_pipeline("flux")
     t5 = pipe.text_encoder_2  # T5: shared.weight is encoder.embed_tokens.weight
