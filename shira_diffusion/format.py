@@ -312,6 +312,14 @@ class ShiraAdapter:
         unknown = sorted(set(tensors) - expected)
         if unknown:
             raise ShiraFormatError(f"{source}: unexpected tensor {unknown[0]!r} (not listed in the metadata shapes)")
+        not_tensors = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+        if not_tensors:
+            raise ShiraFormatError(f"{source}: {not_tensors[0]!r} is a {type(tensors[not_tensors[0]]).__name__}, not a tensor")
+        on_meta = [k for k, v in tensors.items() if v.device.type == "meta"]
+        if on_meta:
+            raise ShiraFormatError(f"{source}: tensor {on_meta[0]!r} is on the meta device (it holds no values)")
+        # Adapters live on the CPU (the engine copies each entry to its weight's device); the checks run there too.
+        tensors = {k: v.cpu() for k, v in tensors.items()}
         checked, jobs = [], []
         for key, shape in shapes.items():
             missing = [f"{key}.{s}" for s in _SUFFIXES if f"{key}.{s}" not in tensors]

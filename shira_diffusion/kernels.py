@@ -653,10 +653,12 @@ def decode(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
     for i, (_, _, _, deltas, _) in enumerate(jobs):
         groups.setdefault(deltas.dtype, []).append(i)
     for dtype, members in groups.items():
-        if numba is None:
-            for i in members:
-                outs[i], status[i] = _decode_torch(*jobs[i])
+        compiled = [i for i in members if numba is not None and all(t.device.type == "cpu" for t in jobs[i][:4])]  # it reads CPU memory
+        for i in sorted(set(members) - set(compiled)):
+            outs[i], status[i] = _decode_torch(*jobs[i])
+        if not compiled:
             continue
+        members = compiled
         bits, mask = _NONFINITE[dtype]
         gaps = [jobs[i][0].contiguous() for i in members]
         hi_index, hi = [jobs[i][1].contiguous() for i in members], [jobs[i][2].contiguous() for i in members]

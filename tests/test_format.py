@@ -202,3 +202,15 @@ def test_to_dtype_and_dense():
     half = adapter.to(torch.float16)
     assert half.deltas["unet"]["w"].deltas.dtype == torch.float16
     assert torch.equal(adapter.deltas["unet"]["w"].to_dense(), torch.tensor([[0.0, 1.5, 0.0], [0.0, 0.0, -2.0]]))
+
+
+def test_meta_or_non_tensor_state_dict_values_are_refused():
+    adapter = ShiraAdapter({"unet": {"x.weight": SparseDelta((4, 4), torch.tensor([1, 5]), torch.tensor([0.5, -2.0]))}})
+    tensors, metadata = adapter.state_dict(), adapter.metadata()
+    for key, bad, message in (("unet.x.weight.deltas", torch.ones(2, device="meta"), "is on the meta device"),
+                              ("unet.x.weight.gaps", [1, 4], "is a list, not a tensor")):
+        with pytest.raises(ShiraFormatError, match=f"'{key}' {message}"):
+            ShiraAdapter.from_state_dict({**tensors, key: bad}, metadata)
+    again = ShiraAdapter.from_state_dict(tensors, metadata)
+    delta = again.deltas["unet"]["x.weight"]
+    assert delta.positions.tolist() == [1, 5] and delta.deltas.tolist() == [0.5, -2.0] and delta.deltas.device.type == "cpu"

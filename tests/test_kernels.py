@@ -250,3 +250,13 @@ def test_kernels_still_compile_where_no_cache_directory_is_writable(monkeypatch)
         return values * 2
 
     assert kernels._compiled(nogil=True)(twice)(21) == 42
+
+
+def test_decode_sends_tensors_off_the_cpu_to_torch_not_to_the_compiled_loop():
+    # The compiled loop reads raw CPU addresses: a GPU tensor's would crash the process. Meta tensors stand in for
+    # them here; torch refuses them with an error instead.
+    parts = encode_positions(torch.tensor([1, 5, 9]))
+    job = (parts["gaps"], parts["gaps_hi_index"].to(torch.int64), parts["gaps_hi"].to(torch.int64), torch.ones(3), 100)
+    with pytest.raises(NotImplementedError):
+        kernels.decode([tuple(t.to("meta") for t in job[:4]) + (100,)])
+    assert kernels.decode([job])[0][0].tolist() == [1, 5, 9]
