@@ -122,7 +122,11 @@ def sd15_unet(smoke: bool, dtype: torch.dtype = torch.float32, device: str = "cp
     from shira_diffusion.testing import tiny_pipeline
 
     torch.manual_seed(0)
-    unet = tiny_pipeline("sd").unet if smoke else UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
+    if smoke:
+        unet = tiny_pipeline("sd").unet
+    else:
+        with torch.device(device):  # built where it runs: a GPU initialises 860 M random weights in a blink
+            unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
     return unet.to(device, dtype).eval().requires_grad_(False)
 
 

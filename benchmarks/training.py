@@ -124,7 +124,11 @@ def step_rates(variants: list[str], precision: str, smoke: bool, rank: int, step
 def _child(*flags: str) -> dict:
     """Run this module with internal flags in a fresh process; its last stdout line is JSON."""
     command = [sys.executable, "-m", "benchmarks.training", *flags]
-    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:  # show why (a CUDA out-of-memory, say), not only that it failed
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-8000:])
+        raise SystemExit(f"benchmarks.training {' '.join(flags)}: exit {done.returncode} (its output is above)")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

@@ -76,6 +76,8 @@ def _median_ms(action, repeats: int = 7) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         action()
+        if torch.cuda.is_available():  # GPU writes are asynchronous: time them to their end
+            torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
 
