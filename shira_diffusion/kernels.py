@@ -417,11 +417,14 @@ def exchange(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     olds: list[torch.Tensor | None] = [None] * len(flats)
     changed = [False] * len(flats)
     groups, rest = _split(flats, lambda w, p, v, e: v.dtype == e.dtype == w.dtype and v.numel() == e.numel() == p.numel())
+    differ = []  # flags stay on the device until every write is queued: one wait for the GPU, not one per weight
     for i in rest:
         weight, positions, values, expected = flats[i]
         olds[i] = weight.index_select(0, positions)
-        changed[i] = not torch.equal(as_bits(olds[i]), as_bits(expected))
+        differ.append((as_bits(olds[i]) != as_bits(expected)).any())
         weight.index_put_((positions,), values)
+    for i, flag in zip(rest, differ):
+        changed[i] = bool(flag)
     for (dtype, index_dtype), members in groups.items():
         weights, positions = [flats[i][0] for i in members], [flats[i][1] for i in members]
         values, expected = [flats[i][2] for i in members], [flats[i][3] for i in members]
@@ -455,13 +458,17 @@ def grow_exchange(jobs: Sequence[tuple[torch.Tensor, ...]]) -> tuple[list[torch.
                           and f.dtype == torch.bool and s.numel() == e.numel() == f.numel() == b.numel() == p.numel())
     if rest:
         gathered = gather([flats[i][:2] for i in rest])
+        differ = []  # as in `exchange`: no boolean-mask indexing, no wait for the GPU per weight
         for i, old in zip(rest, gathered):
             weight, _, sums, expected, fresh, backup = flats[i]
             olds[i] = old
             writtens[i] = torch.where(fresh, old.to(sums.dtype) + sums, sums).to(weight.dtype)
-            changed[i] = not torch.equal(as_bits(old)[~fresh], as_bits(expected)[~fresh])
-            backup[fresh] = expected[fresh] = old[fresh]
+            differ.append(((as_bits(old) != as_bits(expected)) & ~fresh).any())
+            backup.copy_(torch.where(fresh, old, backup))
+            expected.copy_(torch.where(fresh, old, expected))
         scatter([(flats[i][0], flats[i][1], writtens[i]) for i in rest])
+        for i, flag in zip(rest, differ):
+            changed[i] = bool(flag)
     for (_, index_dtype), members in groups.items():
         weights, positions = [flats[i][0] for i in members], [flats[i][1] for i in members]
         sums, expected, fresh, backups = ([flats[i][k] for i in members] for k in (2, 3, 4, 5))
