@@ -123,23 +123,19 @@ class _SparseDeltaOp(torch.autograd.Function):
         module, need_x, need_values = ctx.module, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         weight, positions = module.weight, module.shira_positions
         grad_output = grad_output.to(ctx.dtype)
-        grad_x = grad_values = None
-        if need_x:
-            w = weight.to(ctx.dtype)
-            if ctx.conv is None:
-                grad_x = grad_output @ w
-            else:
-                grad_x = _conv_backward(grad_output, x, w, ctx.conv, (True, False, False))[0]
+        grad_x = grad_w = grad_values = None
+        if ctx.conv is not None and (need_x or need_values):  # both from one call (`.to` copies only under autocast)
+            grad_x, grad_w, _ = _conv_backward(grad_output, x, weight.to(ctx.dtype), ctx.conv, (need_x, need_values, False))
+        elif need_x:
+            grad_x = grad_output @ weight.to(ctx.dtype)
+        if grad_x is not None:
             grad_x = grad_x.to(ctx.x_dtype)
-            del w
-        if need_values and ctx.conv is None and _sampled_is_cheaper(x, weight, positions):
+        if need_values and grad_w is None and _sampled_is_cheaper(x, weight, positions):
             grad_values = _sampled_grad(grad_output.reshape(-1, grad_output.shape[-1]), x.reshape(-1, x.shape[-1]), positions)
             grad_values = grad_values.to(module.shira_values.dtype)
-        elif need_values:  # dW does not depend on W; its one full-size transient yields the k entries kept
-            if ctx.conv is None:
+        elif need_values:  # one full-size transient dW yields the k entries kept
+            if grad_w is None:
                 grad_w = grad_output.reshape(-1, grad_output.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-            else:
-                grad_w = _conv_backward(grad_output, x, grad_output.new_empty(1).expand(weight.shape), ctx.conv, (False, True, False))[1]
             grad_values = kernels.gather([(grad_w.reshape(-1), positions)])[0].to(module.shira_values.dtype)
             del grad_w
         return grad_x, grad_values, None, None

@@ -1,5 +1,6 @@
 """The trainer on the tiny pipelines: every mask learns, sparse == hook, exact export, resume, LoRA, errors."""
 
+import copy
 import json
 import math
 import re
@@ -236,6 +237,28 @@ def test_sparse_impl_value_gradients_match_the_dense_weight_gradient(monkeypatch
     assert len(calls) == (density <= trainables.SAMPLED_DENSITY)
     torch.testing.assert_close(layer.shira_values.grad, reference.weight.grad.view(-1)[positions], rtol=1e-5, atol=1e-4)
     assert trainable.num_parameters == positions.numel()
+
+
+@pytest.mark.parametrize("input_grad", [False, True])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_sparse_impl_gradients_match_the_dense_model_for_linears_and_convs(kind, input_grad):
+    from shira_diffusion import trainables
+
+    generator = torch.Generator().manual_seed(1)
+    layer = nn.Linear(24, 40) if kind == "linear" else nn.Conv2d(6, 10, 3, padding=1, stride=2)
+    nn.init.normal_(layer.weight, generator=generator)
+    shape = (2, 5, 24) if kind == "linear" else (2, 6, 9, 9)
+    x = torch.randn(*shape, generator=generator)
+    reference = copy.deepcopy(layer)
+    x_ref = x.clone().requires_grad_(input_grad)
+    reference(x_ref).square().sum().backward()
+    positions = torch.randperm(layer.weight.numel(), generator=generator)[: layer.weight.numel() // 4].sort().values
+    trainables.ShiraTrainable(nn.Sequential(layer), {"0": positions})
+    x_ours = x.clone().requires_grad_(input_grad)
+    layer(x_ours).square().sum().backward()
+    torch.testing.assert_close(layer.shira_values.grad, reference.weight.grad.reshape(-1)[positions], rtol=1e-5, atol=1e-4)
+    if input_grad:
+        torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_tracked_sparse_impl_rewrites_the_weight_once_per_change_of_the_values(monkeypatch):
