@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The benchmarks that have a GPU side, on a GPU machine without network, in one command that ends within a time
 # budget: installs the wheels from .whl/ (made by benchmarks/gpu_wheels.sh) beside the machine's own torch, runs
-# each benchmark under what is left of the budget (the most telling first), then gathers the tables, the JSON
-# and the log. A benchmark that fails or runs out of time is logged and the next one runs.
+# the tests that use the GPU (CUDA writes bit-identical to the CPU's, fp16 and model CPU offload, training through
+# accelerate on CUDA), then each benchmark under what is left of the budget (the most telling first), and gathers
+# the tables, the JSON and the log. A step that fails or runs out of time is logged and the next one runs.
 # Usage: bash benchmarks/gpu.sh [budget in seconds, default 540] [folder for summary.md, log.txt, results.tar.gz,
 #        default $OUT, else benchmarks/results/gpu]
 set -uo pipefail
@@ -28,6 +29,9 @@ run() {  # benchmark name, then its flags
     export PYTHONPATH="/tmp/shira-site:$PWD" PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
     python3 -c "import torch, diffusers, peft, open_clip, numba; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'numba', numba.__version__)" || exit 1
+    echo "== GPU tests (at most 150 s)"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_loaders.py::test_cuda_writes_are_bit_identical_to_the_cpu \
+        tests/test_loaders.py::test_cuda_fp16_and_model_cpu_offload tests/test_training.py || echo "== GPU tests: failed or out of time (exit $?)"
     run switch --repeats 9
     run exactness
     run overhead --repeats 30

@@ -611,6 +611,34 @@ def test_cuda_fp16_and_model_cpu_offload(offload):
     assert_unchanged(pipe, before)
 
 
+def sequence_of_writes(device: str, dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
+    """Loads, fusion, both hotswap paths and unloads on a pipeline on `device`; the weights after each step."""
+    pipe = tiny_pipeline("sd", dtype=dtype).to(device)
+    styles = [random_adapter(pipe, seed, scale=0.3) for seed in range(3)]
+    pipe.load_shira_weights(styles[0], adapter_name="a")
+    pipe.load_shira_weights(styles[1], adapter_name="b", alpha=0.7)
+    states = [snapshot(pipe)]
+    for step in (lambda: pipe.set_shira_adapters(["a", "b"], [0.6, -0.4]),
+                 lambda: pipe.load_shira_weights(styles[2], adapter_name="a", hotswap=True),  # shares weights with b
+                 lambda: pipe.unload_shira_weights("b"),
+                 lambda: pipe.load_shira_weights(styles[1], adapter_name="a", hotswap=True, alpha=1.3),  # alone
+                 lambda: pipe.unload_shira_weights()):
+        step()
+        states.append(snapshot(pipe))
+    return states
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_writes_are_bit_identical_to_the_cpu(dtype):
+    # Every write is gather, fp32 sums, one cast, scatter: IEEE operations that give the same bits on any device.
+    on_gpu, on_cpu = sequence_of_writes("cuda", dtype), sequence_of_writes("cpu", dtype)
+    for step, (gpu, cpu) in enumerate(zip(on_gpu, on_cpu)):
+        differ = [key for key in cpu if not torch.equal(gpu[key], cpu[key])]
+        assert not differ, (step, differ[:3])
+    assert all(torch.equal(on_gpu[-1][key], value) for key, value in snapshot(tiny_pipeline("sd", dtype=dtype)).items())
+
+
 def test_unload_after_the_pipeline_changed_dtype_restores_the_new_dtypes_originals():
     pipe = tiny_pipeline("sd")
     pipe.load_shira_weights(random_adapter(pipe, 0, ("unet",)), adapter_name="a")
