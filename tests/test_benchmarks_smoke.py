@@ -16,7 +16,7 @@ EXPECTED = {
     "training": ["peak memory MB", "steps/s", "memory vs LoRA"],
     "size": ["bytes per parameter"],
     "masks": ["seconds"],
-    "eval": ["HPSv2Scorer images/s (incl. one load)", "official pattern images/s"],
+    "eval": ["HPSv2Scorer images/s (incl. one load)", "official pattern timed on", "speed-up"],
 }
 
 
