@@ -1,7 +1,7 @@
 """Run every benchmark in full mode (or --smoke) and write results/summary.md: one table per benchmark,
 with the machine it ran on.
 
-Usage: python -m benchmarks.run_all [--smoke] [--device cpu|cuda] [--only switch exactness ...]
+Usage: python -m benchmarks.run_all [--smoke] [--device cpu|cuda] [--only switch exactness ...] [--summary-only]
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
     parser.add_argument("--device", choices=["cpu", "cuda"], help="for the benchmarks with a GPU side (default: cuda when torch sees one)")
+    parser.add_argument("--summary-only", action="store_true", help="only rebuild summary.md from the tables already in --out")
     args = parser.parse_args()
     out = Path(args.out)
-    for name in args.only:  # one process each: no memory or compile state carried over
+    for name in [] if args.summary_only else args.only:  # one process each: no memory or compile state carried over
         device = ["--device", args.device] if args.device and name in ON_DEVICE else []
         subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--out", str(out), *device] + (["--smoke"] if args.smoke else []), check=True)
     names = [n for name in BENCHMARKS for n in (name, *(["training_latent64"] if name == "training" else []))]

@@ -280,7 +280,7 @@ class ShiraLoaderMixin:
 
         `hotswap=True` (as in diffusers' `load_lora_weights`): the new adapter replaces the loaded adapter
         `adapter_name` in place, keeping its name and its place among the active ones, in one pass over the weights
-        (the fastest switch from a file). Unlike LoRA hotswapping, the two may touch different weights.
+        (one call; as fast as unload + load). Unlike LoRA hotswapping, the two may touch different weights.
 
         `src`: a .safetensors file, a folder, a Hub repo id (`weight_name`, `subfolder`, and hub kwargs such
         as `revision`, `cache_dir`, `token`, `local_files_only`), a state dict, or a ShiraAdapter. PEFT SHiRA
@@ -321,7 +321,7 @@ class ShiraLoaderMixin:
         """Make exactly these adapters active, fused at these strengths (default: each one's last strength).
 
         A strength is a float or, as in diffusers' `set_adapters`, {component: float} (components left out: 1.0),
-        with UNet block scales too ({"unet": {"down": 0, "mid": 0, "up": {"block_0": [0, 1, 0]}}}: attention
+        with UNet block scales too ({"unet": {"down": 0, "mid": 0, "up": {"block_1": [0, 1, 0]}}}: attention
         blocks; other UNet weights keep 1.0) or {component: {module prefix: float}} for any component.
         One strength (not a list) applies to every named adapter.
         Usage: pipe.set_shira_adapters(["bluefire", "paintings"], weights=[0.7, {"unet": 0.5, "text_encoder": 0.2}])

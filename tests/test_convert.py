@@ -92,7 +92,7 @@ def test_budgets_errors_and_cli(lora, tmp_path, capsys):
         assert re.search(message, capsys.readouterr().err), message
 
 
-@pytest.mark.parametrize("kind, pipeline, components", [("sdxl", "StableDiffusionXLPipeline", ("unet", "text_encoder_2")),
+@pytest.mark.parametrize("kind, pipeline, components", [("sdxl", "StableDiffusionXLPipeline", ("unet", "text_encoder", "text_encoder_2")),
                                                          ("flux", "FluxPipeline", ("transformer",))])
 def test_other_pipelines_convert_to_what_fuse_lora_gives(tmp_path, kind, pipeline, components):
     # SDXL: text_encoder_2 is a CLIPTextModelWithProjection (its weights keep `text_model.`); Flux: its own loader,

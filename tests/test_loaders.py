@@ -524,6 +524,33 @@ def test_fused_projections_of_newer_attention_classes_are_refused_too():
     assert_unchanged(pipe, before)
 
 
+def test_forward_hooks_stay_and_see_the_written_weights(sd):
+    module = next(m for n, m in sd.unet.named_modules() if n.endswith("attn1.to_q"))
+    outputs = []
+    handle = module.register_forward_hook(lambda _, args, output: outputs.append(output.detach().clone()))
+    x = torch.randn(1, 3, module.in_features, generator=torch.Generator().manual_seed(0))
+    try:
+        module(x)
+        sd.load_shira_weights(random_adapter(sd, 4, components=("unet",), suffixes=("attn1.to_q.weight",)), adapter_name="a")
+        written = module.weight.detach().clone()
+        module(x)
+        sd.unload_shira_weights()
+        module(x)
+    finally:
+        handle.remove()
+    assert len(outputs) == 3 and torch.equal(outputs[1], torch.nn.functional.linear(x, written, module.bias))
+    assert not torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
+def test_weights_left_on_the_meta_device_by_sequential_offload_are_refused():
+    pipe = tiny_pipeline("sd")
+    adapter = random_adapter(pipe, 0, components=("unet",))
+    pipe.unet.to("meta")  # what sequential CPU offload leaves in the module between its forwards
+    with pytest.raises(ShiraLoadError, match=r"weight is on the meta device \(sequential CPU offload is not supported\)"):
+        pipe.load_shira_weights(adapter)
+    assert not pipe.get_shira_adapters()
+
+
 def test_tied_weights_are_one_target_whatever_name_an_adapter_uses():
     pipe = tiny_pipeline("flux")
     t5 = pipe.text_encoder_2  # T5: shared.weight is encoder.embed_tokens.weight
