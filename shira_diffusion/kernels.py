@@ -495,13 +495,23 @@ def merge(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torc
     results: list[tuple | None] = [None] * len(pairs)
     members = [i for i, pair in enumerate(pairs) if numba is not None and all(
         t.device.type == "cpu" and t.dtype == torch.int64 and t.is_contiguous() for t in pair)]
+    by_device: dict[torch.device, list[int]] = {}
     for i in sorted(set(range(len(pairs))) - set(members)):
-        first, second = pairs[i]
-        union = torch.cat([first, second]).unique(sorted=True)
-        first_slots = torch.searchsorted(union, first)
-        only_second = torch.ones_like(union, dtype=torch.bool)
-        only_second[first_slots] = False
-        results[i] = (union, first_slots, torch.searchsorted(union, second), only_second)
+        by_device.setdefault(pairs[i][0].device, []).append(i)
+    for device, rest in by_device.items():
+        # All pairs of a device in one sorted `unique`, each shifted into its own range (positions < 2**40):
+        # a GPU waits twice (the sizes) instead of once per pair.
+        shift = torch.arange(len(rest), device=device, dtype=torch.int64) << 40
+        keys = torch.cat([side + shift[j] for j, i in enumerate(rest) for side in pairs[i]])
+        unions = keys.unique(sorted=True)
+        bounds = torch.searchsorted(unions, torch.cat([shift, shift[-1:] + (1 << 40)])).tolist()
+        for j, i in enumerate(rest):
+            first, second = pairs[i]
+            union = unions[bounds[j]:bounds[j + 1]] - shift[j]
+            first_slots = torch.searchsorted(union, first)
+            only_second = torch.ones_like(union, dtype=torch.bool)
+            only_second[first_slots] = False
+            results[i] = (union, first_slots, torch.searchsorted(union, second), only_second)
     if members:
         firsts, seconds = [pairs[i][0] for i in members], [pairs[i][1] for i in members]
         sizes = np.array([(a.numel(), b.numel()) for a, b in zip(firsts, seconds)], dtype=np.int64).reshape(-1, 2)
