@@ -13,6 +13,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -182,12 +183,17 @@ def free() -> None:
         torch.cuda.empty_cache()
 
 
-def memory_bandwidth_gbs(size_mb: int = 512, device: str = "cpu") -> float:
-    """Copy bandwidth (bytes read + written per second) of this machine's memory, or of the GPU's, GB/s."""
+def copy_pass(size_mb: int = 512, device: str = "cpu") -> tuple[Callable[[], object], int]:
+    """A copy of `size_mb` MB within this machine's memory, or the GPU's, and the bytes it moves (read + written)."""
     source = torch.ones(size_mb * 2**20 // 4, device=device)
     target = torch.empty_like(source)
-    ms = median_ms(lambda: target.copy_(source), repeats=5)
-    return 2 * source.numel() * 4 / (ms / 1000) / 1e9
+    return (lambda: target.copy_(source)), 2 * source.numel() * 4
+
+
+def memory_bandwidth_gbs(size_mb: int = 512, device: str = "cpu") -> float:
+    """Copy bandwidth (bytes read + written per second) of this machine's memory, or of the GPU's, GB/s."""
+    copy, moved = copy_pass(size_mb, device)
+    return moved / (median_ms(copy, repeats=5) / 1000) / 1e9
 
 
 def host_to_device_gbs(size_mb: int = 256) -> float:

@@ -14,18 +14,18 @@ from pathlib import Path
 
 import torch
 
-from .common import (DTYPES, free, half, host_to_device_gbs, lora_file, median_ms, median_ms_in_turn, memory_bandwidth_gbs, parse, parser,
-                     sd15_pipeline, shira_adapter, target_weights, write_result)
+from .common import (DTYPES, copy_pass, free, half, host_to_device_gbs, lora_file, median_ms, median_ms_in_turn, memory_bandwidth_gbs, parse,
+                     parser, sd15_pipeline, shira_adapter, target_weights, write_result)
 
 
 SWITCH = "switch A->B (unload A + load B from file)"
 HOTSWAP = "switch A->B (load B with hotswap=True: one call, one pass)"
 
 
-COPY = "copy of 512 MB where the weights live (bandwidth for the floor)"
+COPY = "copy where the weights live (bandwidth for the floor)"
 
 
-def floor_ms(files: list[Path], adapters, weight_dtype: torch.dtype, device: str, weights_gbs: float, smoke: bool) -> tuple[float, dict]:
+def floor_ms(files: list[Path], adapters, weight_dtype: torch.dtype, device: str, weights_gbs: float, size_mb: int) -> tuple[float, dict]:
     """Bytes a switch must move, over the bandwidth that moves them: the adapter files read (host memory), on a
     GPU also copied to it, and the lines of the weights that any of the adapters touches (A ∪ B: a line both touch
     need move once), read and written (64-byte cache lines on a CPU, 32-byte sectors on a GPU), at `weights_gbs`,
@@ -44,8 +44,7 @@ def floor_ms(files: list[Path], adapters, weight_dtype: torch.dtype, device: str
     if device == "cpu":
         seconds += file_bytes / (weights_gbs * 1e9)
     else:
-        size = 128 if smoke else 512
-        parts["host GB/s"], parts["upload GB/s"] = memory_bandwidth_gbs(size), host_to_device_gbs(size // 2)
+        parts["host GB/s"], parts["upload GB/s"] = memory_bandwidth_gbs(size_mb), host_to_device_gbs(size_mb // 2)
         seconds += file_bytes / (parts["host GB/s"] * 1e9) + file_bytes / (parts["upload GB/s"] * 1e9)
     return seconds * 1000, parts
 
@@ -83,11 +82,11 @@ def main() -> None:
         pipe.load_shira_weights(other_file(), adapter_name="style", hotswap=True)
 
     # measured in turn: the two differ by less than this shared machine's run-to-run noise
-    buffers = [torch.ones((128 if args.smoke else 512) * 2**20 // 4, device=args.device)]
-    buffers.append(torch.empty_like(buffers[0]))
-    timed = median_ms_in_turn({SWITCH: switch, HOTSWAP: hotswap, COPY: lambda: buffers[1].copy_(buffers[0])}, max(repeats, 9))
-    copy_gbs = 2 * buffers[0].numel() * 4 / (timed.pop(COPY) / 1000) / 1e9  # bytes read + written
-    buffers.clear()
+    size_mb = 128 if args.smoke else 512
+    streaming, copied = copy_pass(size_mb, args.device)
+    timed = median_ms_in_turn({SWITCH: switch, HOTSWAP: hotswap, COPY: streaming}, max(repeats, 9))
+    copy_gbs = copied / (timed.pop(COPY) / 1000) / 1e9
+    del streaming  # frees its buffers
     ours.update(timed)
     pipe.unload_shira_weights()
     pipe.load_shira_weights(file_a, adapter_name="A")
@@ -186,7 +185,7 @@ def main() -> None:
     notes.append(f"PEFT SHiRA uses r={r} (r*(m+n) entries per layer, {sum(r * (w.shape[0] + w.shape[1]) for w in weights.values()):,} in all) vs our 2 % density ({a.num_parameters:,}).")
     notes.append(f"LoRA rank {rank} on the same {len(weights)} linears; diffusers {__import__('diffusers').__version__}, peft {__import__('peft').__version__}.")
 
-    floor, moved = floor_ms([file_b], [a, b], dtype, args.device, copy_gbs, args.smoke)
+    floor, moved = floor_ms([file_b], [a, b], dtype, args.device, copy_gbs, size_mb)
     switch = SWITCH
     for op in ours:
         same = switch if op == HOTSWAP else op  # the baselines' switch is the same operation
