@@ -1,7 +1,6 @@
-"""The whole story in one command: train two styles, switch, fuse, measure how fusion keeps each style.
-
-Offline by default, on the embedded tiny pipeline (`shira-diffusion demo`), or on a real Stable Diffusion
-model with `--model` (HPSv2 scoring is added when its checkpoint is available):
+"""The demo on a real Stable Diffusion 1.x model (`shira-diffusion demo --model ...`): train two styles,
+switch, fuse, measure how fusion keeps each style (HPSv2 scoring is added when its checkpoint is available).
+The default demo runs on the shapes world instead (`demo.py`). Steps:
 1. draw two synthetic style datasets ("blue glow" and "brush" over simple shapes), train and held-out splits;
 2. train a SHiRA adapter (struct mask, r·(m+n) entries per weight) and a LoRA of rank r (the same number of
    trainable parameters) on each, with the real trainer and identical settings;
@@ -34,7 +33,7 @@ STYLE_NAMES = {"A": "blue_glow", "B": "brush"}
 @dataclass
 class DemoConfig:
     out: str = "shira-demo"
-    model: str | None = None  # None: the embedded tiny pipeline
+    model: str | None = None  # a real SD 1.x folder or Hub id (required; None is refused)
     steps: int | None = None  # training steps per adapter
     resolution: int | None = None
     rank: int = 4  # LoRA rank, and SHiRA's budget r*(m+n): equal trainable parameters
@@ -45,11 +44,11 @@ class DemoConfig:
     seed: int = 0
 
     def resolved(self) -> "DemoConfig":
-        tiny = self.model is None
+        if self.model is None:
+            raise ValueError("the real-model demo needs --model (a SD 1.x folder or Hub id); without it the demo runs on the shapes world")
         return DemoConfig(
-            self.out, self.model, self.steps or (60 if tiny else 400), self.resolution or (32 if tiny else 512), self.rank,
-            self.mask, self.learning_rate or (1e-2 if tiny else 1e-4), self.inference_steps or (4 if tiny else 30),
-            self.hps_checkpoint, self.seed,
+            self.out, self.model, self.steps or 400, self.resolution or 512, self.rank, self.mask, self.learning_rate or 1e-4,
+            self.inference_steps or 30, self.hps_checkpoint, self.seed,
         )
 
 
@@ -90,13 +89,11 @@ def run_demo(config: DemoConfig) -> dict:
     from .datasets import STYLES, make_style_dataset
     from .evaluation import check_model_source
     from .loaders import add_shira_support
-    from .testing import tiny_pipeline
     from .training import TrainingConfig, denoising_loss, train
 
     config = config.resolved()
     # Everything that can fail on user input fails now, in seconds, not after the training and rendering.
-    if config.model is not None:
-        check_model_source(config.model)
+    check_model_source(config.model)
     scorer, hps_note = _prepare_scorer(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,10 +106,6 @@ def run_demo(config: DemoConfig) -> dict:
     stages.update()
 
     model = config.model
-    if model is None:
-        model = str(out / "model")
-        if not (out / "model" / "model_index.json").is_file():
-            tiny_pipeline("sd", seed=config.seed).save_pretrained(model)
     stages.update()
 
     stages.set_postfix_str("training")
@@ -210,10 +203,6 @@ def run_demo(config: DemoConfig) -> dict:
 def _prepare_scorer(config: DemoConfig):
     """(HPSv2Scorer on the CPU, None) when scoring will run, else (None, why not). A checkpoint the user named
     must load (errors propagate: bad file -> ValueError); the default one may be absent (a note)."""
-    if config.model is None:
-        if config.hps_checkpoint is not None and not Path(config.hps_checkpoint).is_file():
-            raise FileNotFoundError(f"{config.hps_checkpoint}: no such HPSv2 checkpoint file")
-        return None, "tiny pipeline: HPSv2 is meaningful only for a real model (use --model)"
     from .evaluation import HPSv2Scorer
 
     try:
@@ -242,7 +231,7 @@ def _report(results: dict) -> str:
     config = results["config"]
     lines = [
         "# shira-diffusion demo", "",
-        f"Model: `{config['model'] or 'embedded tiny SD pipeline (random weights)'}`, resolution {config['resolution']}, "
+        f"Model: `{config['model']}`, resolution {config['resolution']}, "
         f"{config['steps']} training steps per adapter, SHiRA {config['mask']} mask with r={config['rank']} vs LoRA rank {config['rank']}.", "",
         "## Training", "", "| run | trainable parameters | first loss | last loss | steps/s |", "|---|---|---|---|---|",
     ]
@@ -271,7 +260,4 @@ def _report(results: dict) -> str:
     else:
         lines += [f"HPSv2 {hps['version']} × 100 (mean ± std over the grid prompts):", ""]
         lines += [f"- {name}: {v['mean']:.1f} ± {v['std']:.1f}" for name, v in hps["scores"].items()]
-    if config["model"] is None:
-        lines += ["", "The tiny pipeline has random weights: the numbers show the mechanics (training lowers the loss, "
-                  "switching is exact and fast, fusion keeps each style's gain or not), not image quality."]
     return "\n".join(lines) + "\n"

@@ -296,7 +296,7 @@ def _load_models(config: TrainingConfig, model_path: str):
     kw = {"revision": config.revision}
 
     def text_encoder(subfolder: str, default: str):
-        architectures = transformers.PretrainedConfig.from_pretrained(model_path, subfolder=subfolder, **kw).architectures
+        architectures = transformers.AutoConfig.from_pretrained(model_path, subfolder=subfolder, **kw).architectures
         model_class = getattr(transformers, (architectures or [default])[0])
         return model_class.from_pretrained(model_path, subfolder=subfolder, variant=config.variant, **kw)
 

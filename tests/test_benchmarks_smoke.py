@@ -17,6 +17,8 @@ EXPECTED = {
     "size": ["bytes per parameter"],
     "masks": ["seconds"],
     "eval": ["HPSv2Scorer images/s (incl. one load)", "official pattern timed on", "speed-up"],
+    "world_quality": ["shape accuracy", "content accuracy", "painting strength"],
+    "fidelity": ["method", "blue fire α=1", "painting retention", "fused content α=1"],
 }
 
 

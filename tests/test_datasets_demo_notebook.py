@@ -43,25 +43,50 @@ def test_dataset_check_reports_each_planted_defect_by_name(tmp_path, capsys):
     assert main(["dataset", "check", str(tmp_path / "missing")]) == 2
 
 
-def test_demo_runs_offline_and_writes_the_report(tmp_path):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "8", "--inference_steps", "2"]) == 0
+def test_demo_runs_offline_on_the_world_and_reports_the_judges_numbers(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "20", "--seeds", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    sources = {name: info["source"] for name, info in results["adapters"].items()}
+    assert sources == {"shira blue fire": "trained live", "shira painting": "shipped (same recipe)",
+                       "lora blue fire": "shipped (same recipe)", "lora painting": "shipped (same recipe)"}
+    assert results["adapters"]["shira blue fire"]["steps"] == 20
+    base = results["judge"]["base"]
+    assert set(base) == {"blue fire", "painting", "fused prompts"}
+    assert all(0 <= base[prompts]["styles"][style]["mean"] <= 1 for prompts in base for style in ("blue fire", "painting"))
+    for method in ("shira", "lora"):
+        table = results["judge"][method]
+        assert set(table) == {"blue fire alpha=0.5", "blue fire alpha=1", "painting alpha=0.5", "painting alpha=1", "fused alpha=1", "retention"}
+        assert set(table["retention"]) == {"blue fire", "painting"}
+        assert (out / f"grid_{method}.png").is_file()
+    assert all(ms > 0 for ms in results["switch_ms"].values())
+    report = (out / "report.md").read_text()
+    assert "trained live" in report and "grid_shira.png" in report and "Concept retention under fusion" in report
+
+
+def test_demo_with_a_model_folder_runs_the_real_model_flow(tmp_path):
+    from shira_diffusion.testing import tiny_pipeline
+
+    tiny_pipeline("sd").save_pretrained(tmp_path / "model")
+    assert main(["demo", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "demo"), "--steps", "8", "--inference_steps", "2", "--resolution", "32"]) == 0
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert set(results["training"]) == {"shira_blue_glow", "shira_brush", "lora_blue_glow", "lora_brush"}
-    counts = {run["trainable_parameters"] for run in results["training"].values()}
-    assert len(counts) == 1  # SHiRA r*(m+n) == LoRA rank r: equal trainable parameters
+    assert len({run["trainable_parameters"] for run in results["training"].values()}) == 1  # SHiRA r*(m+n) == LoRA rank r
     assert set(results["fusion_retention"]) == {"shira", "lora"}
-    assert all(ms > 0 for ms in results["switch_ms"].values())
-    report = (tmp_path / "demo" / "report.md").read_text()
-    assert "Concept retention under fusion" in report and "grid_shira.png" in report
-    assert (tmp_path / "demo" / "grid_shira.png").is_file()
 
 
-def test_notebook_is_committed_without_outputs_and_runs_top_to_bottom():
+def test_demo_refuses_an_unknown_live_adapter(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--live", "shira:sepia"]) == 2
+    assert "--live 'shira:sepia'" in capsys.readouterr().err and not (tmp_path / "demo").exists()
+
+
+def test_notebook_is_committed_with_its_images_and_runs_top_to_bottom():
     from nbclient import NotebookClient
 
     path = ROOT / "notebooks/multi_style_fusion.ipynb"
     notebook = nbformat.read(path, as_version=4)
-    assert all(not cell.get("outputs") and not cell.get("execution_count") for cell in notebook.cells if cell.cell_type == "code")
+    committed = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert sum("image/png" in o.get("data", {}) for o in committed) >= 3  # the grids a reader sees on the repository page
     NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     printed = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
-    assert "base restored bit for bit after unload: True" in printed
+    assert "base restored bit for bit after unload: True" in printed and "retention of blue fire under fusion" in printed

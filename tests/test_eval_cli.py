@@ -114,7 +114,7 @@ def test_unreachable_hub_ids_fail_fast_in_eval_and_demo(model, tmp_path, capsys,
 
 
 def test_demo_checks_the_hps_checkpoint_before_training(model, tmp_path, capsys, monkeypatch, checkpoint):  # noqa: F811
-    import shira_diffusion.demo as demo
+    import shira_diffusion.demo_model as demo
 
     def no_training(*args, **kwargs):
         raise AssertionError("the demo trained before checking its inputs")
@@ -128,7 +128,8 @@ def test_demo_checks_the_hps_checkpoint_before_training(model, tmp_path, capsys,
     assert "junk.pt: not a tensors-only checkpoint" in _error(capsys)
     assert main(base + ["--out", str(tmp_path / "d2"), "--hps_checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert "nope.pt: no such HPSv2 checkpoint file" in _error(capsys)
-    assert main(["demo", "--out", str(tmp_path / "d3"), "--hps_checkpoint", str(tmp_path / "nope.pt")]) == 2  # tiny pipeline too
+    assert main(["demo", "--out", str(tmp_path / "d3"), "--hps_checkpoint", str(tmp_path / "nope.pt")]) == 2  # the world demo has its judge
+    assert "--hps_checkpoint needs --model" in _error(capsys)
     assert time.perf_counter() - start < 20 and not any((tmp_path / d).exists() for d in ("d1", "d2", "d3"))
     scorer, note = demo._prepare_scorer(demo.DemoConfig(model=str(model / "model"), hps_checkpoint=str(checkpoint)).resolved())
     assert note is None and scorer.device.type == "cpu" and scorer.checkpoint == str(checkpoint)

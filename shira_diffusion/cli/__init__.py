@@ -22,7 +22,7 @@ SUBCOMMANDS = {
     "convert": ("convert", "convert a LoRA file into a SHiRA adapter"),
     "extract": ("extract", "extract a SHiRA adapter from a full fine-tune"),
     "inspect": ("inspect", "summarise an adapter file, or the interference between two"),
-    "demo": ("demo", "the whole story offline: train two styles, switch, fuse, report"),
+    "demo": ("demo", "the whole story offline on the shapes world: train styles, switch, fuse, judge, report"),
     "dataset": ("dataset", "check a style dataset folder"),
 }
 
