@@ -20,15 +20,14 @@ Usage: results = run_world_demo(WorldDemoConfig(out="shira-demo"))
 from __future__ import annotations
 
 import json
-import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw
 
 from . import world
+from .demo_model import median_ms
 from .world.adapters import METHODS, shipped_adapter, training_config
 from .world.evaluate import fusion_prompts, generate, lora_activation, measure, shira_activation, style_prompts
 
@@ -44,7 +43,6 @@ class WorldDemoConfig:
     seeds: int = 2  # seeds per prompt for the judged measurements
     steps: int | None = None  # training steps of the live adapters (default: the recipe's)
     seed: int = 0
-    timings: dict = field(default_factory=dict)
 
 
 def _adapters(config: WorldDemoConfig, data: dict[str, Path], results: dict) -> dict[tuple[str, str], Path]:
@@ -65,16 +63,6 @@ def _adapters(config: WorldDemoConfig, data: dict[str, Path], results: dict) -> 
                 paths[(method, style)] = shipped_adapter(method, style)
                 results["adapters"][f"{method} {style}"] = {"source": "shipped (same recipe)"}
     return paths
-
-
-def _median_ms(action, repeats: int = 7) -> float:
-    action()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        action()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def _settings(base: bool = True) -> list[tuple[str, dict[str, float]]]:
@@ -151,9 +139,9 @@ def _timings(pipe, paths) -> dict[str, float]:
     a, b = STYLES
     pipe.disable_lora()
     return {
-        "switch A→B, both loaded (set_shira_adapters)": _median_ms(lambda: (pipe.set_shira_adapters(b), pipe.set_shira_adapters(a))) / 2,
-        "fuse A+B (1, 1)": _median_ms(lambda: pipe.set_shira_adapters([a, b], [1.0, 1.0])),
-        "load from file + unload": _median_ms(lambda: (pipe.load_shira_weights(paths[("shira", a)], adapter_name="timing"), pipe.unload_shira_weights("timing"))),
+        "switch A→B, both loaded (set_shira_adapters)": median_ms(lambda: (pipe.set_shira_adapters(b), pipe.set_shira_adapters(a))) / 2,
+        "fuse A+B (1, 1)": median_ms(lambda: pipe.set_shira_adapters([a, b], [1.0, 1.0])),
+        "load from file + unload": median_ms(lambda: (pipe.load_shira_weights(paths[("shira", a)], adapter_name="timing"), pipe.unload_shira_weights("timing"))),
     }
 
 

@@ -69,7 +69,8 @@ def _grid(rows: list[tuple[str, list[Image.Image]]], size: int) -> Image.Image:
     return grid
 
 
-def _median_ms(action, repeats: int = 7) -> float:
+def median_ms(action, repeats: int = 7) -> float:
+    """Median milliseconds of `action` over `repeats` calls after one warm-up (GPU work timed to its end)."""
     action()  # warm-up
     times = []
     for _ in range(repeats):
@@ -136,9 +137,9 @@ def run_demo(config: DemoConfig) -> dict:
     pipe.load_shira_weights(trained[("shira", "A")], adapter_name="A")
     pipe.load_shira_weights(trained[("shira", "B")], adapter_name="B")
     results["switch_ms"] = {
-        "switch A->B (set_shira_adapters)": _median_ms(lambda: (pipe.set_shira_adapters("B"), pipe.set_shira_adapters("A"))) / 2,
-        "fuse A+B (weights 0.7, 0.7)": _median_ms(lambda: pipe.set_shira_adapters(["A", "B"], [0.7, 0.7])),
-        "load from file + unload": _median_ms(lambda: (pipe.load_shira_weights(trained[("shira", "A")], adapter_name="C"), pipe.unload_shira_weights("C"))),
+        "switch A->B (set_shira_adapters)": median_ms(lambda: (pipe.set_shira_adapters("B"), pipe.set_shira_adapters("A"))) / 2,
+        "fuse A+B (weights 0.7, 0.7)": median_ms(lambda: pipe.set_shira_adapters(["A", "B"], [0.7, 0.7])),
+        "load from file + unload": median_ms(lambda: (pipe.load_shira_weights(trained[("shira", "A")], adapter_name="C"), pipe.unload_shira_weights("C"))),
     }
     stages.update()
 

@@ -9,6 +9,8 @@ a style learnt, half a style at alpha 0.5, two styles fused without one erasing 
 - `datasets`: write_style_dataset (the Bluefire / Paintings analogues, 54 and 90 images).
 - `model`: pipeline() -> the trained SD 1.5-layout pipeline; model_dir(); the component configs.
 - `judge`: Judge.load().score(images, prompts) -> content correctness and style strengths.
+- `evaluate`: generate on the model and measure with the judge (base quality, styles alone and fused).
+- `adapters`: the one training recipe for SHiRA and LoRA, and the four adapters shipped in the package.
 - `train_base`: the script that trained the model (resumable), `vocabulary`: its tokenizer.
 
 Usage:
