@@ -199,7 +199,7 @@ def report(results: dict) -> str:
     lines = ["# shira-diffusion demo: the shapes world", "",
              f"World model (`shira_diffusion.world`, trained from scratch, ships in the package), 32 px, "
              f"{world.INFERENCE_STEPS} DDIM steps, guidance {world.GUIDANCE_SCALE}. Judge: `world.judge` (trained on procedural images only). "
-             f"{config['seeds']} seeds per prompt; strengths are mean ± std over prompts × seeds (0 = no style, 1 = the training images' full style).", "",
+             f"{config['seeds']} seeds per prompt; strengths are mean ± std over prompts × seeds (0 = no style; the judge reads a training image's full style as about 0.93). Content correct: share of images whose shape, colour and background are the prompted ones.", "",
              "## Adapters", "", "| adapter | source | steps | trainable parameters | seconds |", "|---|---|---|---|---|"]
     for name, info in results["adapters"].items():
         lines.append(f"| {name} | {info['source']} | {info.get('steps', '')} | {info.get('trainable_parameters', '')} | {info.get('seconds', 0):.0f} |")
