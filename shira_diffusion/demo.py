@@ -202,7 +202,8 @@ def report(results: dict) -> str:
              f"{config['seeds']} seeds per prompt; strengths are mean ± std over prompts × seeds (0 = no style; the judge reads a training image's full style as about 0.93). Content correct: share of images whose shape, colour and background are the prompted ones.", "",
              "## Adapters", "", "| adapter | source | steps | trainable parameters | seconds |", "|---|---|---|---|---|"]
     for name, info in results["adapters"].items():
-        lines.append(f"| {name} | {info['source']} | {info.get('steps', '')} | {info.get('trainable_parameters', '')} | {info.get('seconds', 0):.0f} |")
+        seconds = f"{info['seconds']:.0f}" if "seconds" in info else ""
+        lines.append(f"| {name} | {info['source']} | {info.get('steps', '')} | {info.get('trainable_parameters', '')} | {seconds} |")
     header = ["| setting | prompts | " + " | ".join(f"{s} strength" for s in STYLES) + " | content correct |", "|---|---|" + "---|" * len(STYLES) + "---|"]
     row = lambda label, prompts, values: f"| {label} | {prompts} | " + " | ".join(_strength(values, s) for s in STYLES) + f" | {_accuracy(values)} |"  # noqa: E731
     lines += ["", "## Base model (no adapter)", ""] + header + [row("base", prompts, values) for prompts, values in results["judge"]["base"].items()]

@@ -75,6 +75,14 @@ def test_demo_with_a_model_folder_runs_the_real_model_flow(tmp_path):
     assert set(results["fusion_retention"]) == {"shira", "lora"}
 
 
+def test_demo_live_choices_are_every_method_and_world_style():
+    from shira_diffusion.cli.demo import LIVE_CHOICES  # a literal: the CLI module must not import torch
+    from shira_diffusion.world import STYLE_SETS
+    from shira_diffusion.world.adapters import METHODS
+
+    assert set(LIVE_CHOICES) == {f"{method}:{style}" for method in METHODS for style in STYLE_SETS}
+
+
 def test_demo_refuses_an_unknown_live_adapter(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--live", "shira:sepia"]) == 2
     assert "--live 'shira:sepia'" in capsys.readouterr().err and not (tmp_path / "demo").exists()

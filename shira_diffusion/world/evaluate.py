@@ -18,9 +18,11 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from .datasets import STYLE_SETS, validation_prompts
 from .judge import Judge, summarize
 from .model import GUIDANCE_SCALE, INFERENCE_STEPS, RESOLUTION
 from .scenes import Scene, combinations
+from .styles import styled_caption
 
 
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], guidance_scale: float = GUIDANCE_SCALE,
@@ -53,16 +55,11 @@ def base_quality(pipe, judge: Judge, seeds: Sequence[int] = range(4), **generati
 
 def style_prompts(style: str, seen: bool | None = None) -> list[str]:
     """The style set's validation prompts (seen concepts, unseen ones, or both when `seen` is None)."""
-    from .datasets import validation_prompts
-
     return [p["prompt"] for p in validation_prompts(style) if seen is None or p["seen"] == seen]
 
 
 def fusion_prompts() -> list[str]:
     """Every style set's validation content once, each prompt naming every style (the fusion's prompts)."""
-    from .datasets import STYLE_SETS, validation_prompts
-    from .styles import styled_caption
-
     contents = dict.fromkeys(p["prompt"].split(",")[0] for style in STYLE_SETS for p in validation_prompts(style))
     return [styled_caption(content, list(STYLE_SETS)) for content in contents]
 
