@@ -9,7 +9,10 @@ adapters' positions) and `backup` (the original values there). Every write recom
 forms diffusers' `set_adapters` takes, its UNet block scales expanded by the loader into module prefixes)
 
 over those positions only, so unloading restores W0 bit for bit in any dtype, whatever happened before
-(nothing is ever subtracted). Writes go in place into the existing parameter storage (`kernels`: one
+(nothing is ever subtracted). Each mutation is all or nothing: a write whose value would not be finite in the
+weight's dtype (from finite W0 and deltas) is refused, and everything the mutation wrote before is put back from
+its log, so the error leaves every weight and the bookkeeping as they were. The engine writes from its own copies
+of the adapters (a caller's tensors may change later; the engine's never do). Writes go in place into the existing parameter storage (`kernels`: one
 compiled pass over all weights on CPUs, torch's scatter elsewhere): no new Parameter objects, no module
 surgery, so hooks, offloading and compiled graphs stay valid.
 
@@ -20,11 +23,14 @@ Usage:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import numbers
 import threading
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -47,10 +53,35 @@ class ShiraLoadError(ValueError):
 Strength = float | dict[str, float | dict[str, float]]
 
 
+_LARGEST = float(torch.finfo(torch.float32).max)  # writes accumulate in fp32: a larger strength is inf there
+
+
 def _finite(what: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ShiraLoadError(f"adapter {what}: weight must be a finite number, got {value!r}")
+    if abs(value) > _LARGEST:
+        raise ShiraLoadError(f"adapter {what}: weight must be a finite number, got {value!r}, beyond float32's range "
+                             f"(|x| <= {_LARGEST:.4g}) in which writes accumulate")
     return float(value)
+
+
+def checked_name(name: object) -> str:
+    """An adapter name is a non-empty string (a tuple or a number would be taken apart or lost by the verbs)."""
+    if not isinstance(name, str) or not name:
+        raise ShiraLoadError(f"adapter name must be a non-empty string, got {name!r}")
+    return name
+
+
+def _owned(adapter: ShiraAdapter) -> ShiraAdapter:
+    """The engine's own copy of a caller's adapter: later changes to the caller's tensors cannot reach the weights."""
+    deltas = {component: {name: dataclasses.replace(delta, positions=delta.positions.detach().clone(), deltas=delta.deltas.detach().clone())
+                          for name, delta in table.items()} for component, table in adapter.deltas.items()}
+    return dataclasses.replace(adapter, deltas=deltas, extra=copy.deepcopy(adapter.extra))
+
+
+def _overflowed(values: torch.Tensor, originals: torch.Tensor) -> bool:
+    """Whether some value is not finite where its original is: a write past the range of the weight's dtype."""
+    return not bool(torch.isfinite(values).all()) and bool((~torch.isfinite(values) & torch.isfinite(originals)).any())
 
 
 def _alpha(strength: Strength, key: str) -> float:
@@ -139,6 +170,7 @@ class ScatterEngine:
         self.adapters: dict[str, ShiraAdapter] = {}  # kept (on the CPU) for saving and inspection
         self.targets: dict[str, _Target] = {}  # "<component>.<parameter>" -> target
         self.attentions: dict[str, nn.Module] = {}  # projection weight key -> the attention holding it (a lookup cache)
+        self._undo: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # the open mutation's writes
 
     # ---- validation (everything is checked before the first write) -----------------------------
     def resolve_parameter(self, component: str, name: str) -> nn.Parameter:
@@ -164,7 +196,7 @@ class ScatterEngine:
         target whichever name an adapter uses. `validated=True` skips the format checks for adapters that were
         just read (and checked) from a file.
         """
-        if name is not None and name in self.alphas:
+        if name is not None and checked_name(name) in self.alphas:
             raise ShiraLoadError(f"adapter name {name!r} is already in use; unload it first or pick another name")
         if not validated:
             try:
@@ -240,7 +272,7 @@ class ScatterEngine:
         return checked
 
     def check_names(self, names: Iterable[str]) -> list[str]:
-        names = list(names)
+        names = [checked_name(name) for name in names]
         unknown = [n for n in names if n not in self.alphas]
         if unknown:
             raise ShiraLoadError(f"unknown adapter {unknown[0]!r}; loaded adapters: {sorted(self.alphas)}")
@@ -250,10 +282,12 @@ class ScatterEngine:
 
     # ---- mutations -------------------------------------------------------------------------------
     def add(self, name: str, adapter: ShiraAdapter, alpha: float | Mapping, activate: bool = True, validated: bool = False) -> None:
-        """Validate, back up the new positions, then write. `alpha`: any strength `set_active` takes.
+        """Validate, back up the new positions, then write. `alpha`: any strength `set_active` takes. The engine keeps
+        its own copy of `adapter`, unless `validated` (the adapter was just read from a file and handed over).
         Usage: engine.add("a", adapter, 1.0)"""
-        with self.lock:
+        with self.lock, self._transaction():
             parameters = self.check(adapter, name, validated)
+            adapter = adapter if validated else _owned(adapter)
             strength = self.check_strength(name, alpha, adapter)
             uniform = isinstance(strength, float)
             fresh, joined = [], []  # weights nothing touched yet / weights other adapters already touch
@@ -265,25 +299,26 @@ class ScatterEngine:
                     fresh.append((key, parameter, entry))
                 else:
                     joined.append((key, target, entry))
+            self.alphas[name] = strength
+            self.adapters[name] = adapter
+            if activate:
+                self.active.append(name)
             with torch.no_grad():
                 if activate and self.enabled and uniform:  # W0 + alpha*S written while the backup is read: one pass
-                    backups, writtens = kernels.gather_add_scatter([(p.data, e.positions, e.deltas) for _, p, e in fresh], strength)
+                    backups, writtens, overflowed = kernels.gather_add_scatter([(p.data, e.positions, e.deltas) for _, p, e in fresh], strength)
+                    self._logged([(p.data, e.positions, backup) for (_, p, e), backup in zip(fresh, backups)], overflowed, [k for k, _, _ in fresh])
                 else:
                     backups = writtens = kernels.gather([(p.data, e.positions) for _, p, e in fresh])
             for (key, parameter, entry), backup, written in zip(fresh, backups, writtens):
                 self.targets[key] = _Target(parameter, entry.positions, backup, written, {name: entry})
             unread = self._grow([(key, name, entry) for key, _, entry in joined])
-            self.alphas[name] = strength
-            self.adapters[name] = adapter
-            if activate:
-                self.active.append(name)
             rewrite = [key for key, _, _ in joined] + ([] if uniform or not activate else [key for key, _, _ in fresh])
             self._write(rewrite, unread)  # joined weights: the sum with the others; fresh ones at a non-uniform strength
 
     def set_active(self, weights: Mapping[str, float | Mapping[str, float]]) -> None:
         """Exactly these adapters active, at these strengths (multi-adapter fusion); a strength is a float or
         {component: float | {module prefix: float}} (see `check_strength`)."""
-        with self.lock:
+        with self.lock, self._transaction():
             names = self.check_names(weights)
             strengths = {name: self.check_strength(name, weights[name]) for name in names}  # all checked before any write
             self._check_layout(self._keys_of(set(self.active) | set(names)))
@@ -298,9 +333,10 @@ class ScatterEngine:
         other adapter shares its weights (the usual style switch), one pass over them restores the old positions
         and writes the new ones: what `remove` then `add` do in two.
         Usage: engine.replace("style", other_adapter, 1.0)"""
-        with self.lock:
+        with self.lock, self._transaction():
             self.check_names([name])
             parameters = self.check(adapter, None, validated)
+            adapter = adapter if validated else _owned(adapter)
             strength = self.check_strength(name, alpha, adapter)
             leaving = self._keys_of({name})
             self._check_layout(leaving)
@@ -344,9 +380,12 @@ class ScatterEngine:
             jobs.append((weight, *old, *new))
             alphas.append(_alpha(self.alphas[name], entry.key) if entry is not None else 1.0)
         with torch.no_grad():
-            olds, changed, backups, writtens = kernels.switch(jobs, alphas)
+            olds, changed, backups, writtens, overflowed = kernels.switch(jobs, alphas)
+        # undone in reverse: the arriving positions get their originals, then the leaving ones what they held
+        self._logged([(job[0], job[1], old) for job, old in zip(jobs, olds)])
+        self._logged([(job[0], job[4], backup) for job, backup in zip(jobs, backups)], overflowed, keys)
         for i in (i for i, flag in enumerate(changed) if flag):
-            backups[i], writtens[i] = self._keep_other_writes(jobs[i], olds[i], backups[i], writtens[i], alphas[i])
+            backups[i], writtens[i] = self._keep_other_writes(keys[i], jobs[i], olds[i], backups[i], writtens[i], alphas[i])
         for key, (weight, *_), backup, written in zip(keys, jobs, backups, writtens):
             if key not in arriving:
                 del self.targets[key]  # releases the backup memory
@@ -354,8 +393,7 @@ class ScatterEngine:
             parameter, entry = arriving[key]
             self.targets[key] = _Target(parameter, entry.positions, backup, written, {name: entry})
 
-    @staticmethod
-    def _keep_other_writes(job: tuple, old: torch.Tensor, backup: torch.Tensor, written: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _keep_other_writes(self, key: str, job: tuple, old: torch.Tensor, backup: torch.Tensor, written: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
         """After a switch pass found another writer's changes at leaving positions (as `_write` does): they stay in
         the weight as a change of the base, also under the arriving adapter. Returns the arriving (backup, written)."""
         weight, leaving, leaving_backup, expected, arriving, deltas = job
@@ -365,12 +403,14 @@ class ScatterEngine:
         backup[shared_in] = rebased[shared_out]
         sums = kernels.add_scaled(rebased[shared_out].to(torch.promote_types(old.dtype, torch.float32)), deltas[shared_in], alpha)
         written[shared_in] = sums.to(old.dtype)
-        kernels.scatter([(weight, leaving[~shared_out], rebased[~shared_out]), (weight, arriving[shared_in], written[shared_in])])
+        if _overflowed(written[shared_in], backup[shared_in]):
+            raise self._overflow_error(key)
+        self._scatter([(weight, leaving[~shared_out], rebased[~shared_out]), (weight, arriving[shared_in], written[shared_in])])
         return backup, written
 
     def remove(self, names: Iterable[str]) -> None:
         """Unload adapters: their positions go back to the original values; backups shrink or go."""
-        with self.lock:
+        with self.lock, self._transaction():
             names = self.check_names(names)
             gone = set(names)
             keys = self._keys_of(gone)
@@ -386,10 +426,64 @@ class ScatterEngine:
 
     def set_enabled(self, enabled: bool) -> None:
         """Disable: every touched weight shows its original values; enable: the active set again."""
-        with self.lock:
+        with self.lock, self._transaction():
             self._check_layout(list(self.targets))
             self.enabled = enabled
             self._write(list(self.targets))
+
+    # ---- all or nothing ----------------------------------------------------------------------------
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Run a mutation so that, if it raises, the weights hold again exactly what they held before (its writes
+        undone in reverse order, from the values each one replaced) and the bookkeeping is what it was. Bookkeeping
+        tensors are replaced, never changed in place, so keeping the references is a complete snapshot."""
+        if self._undo is not None:  # a mutation inside another: the outer one undoes both
+            yield
+            return
+        saved = (dict(self.alphas), list(self.active), self.enabled, dict(self.adapters), dict(self.targets),
+                 [(t, t.positions, t.backup, t.written, dict(t.entries)) for t in self.targets.values()],
+                 [(e, e.positions, e.deltas, e.slots) for t in self.targets.values() for e in t.entries.values()])
+        self._undo = []
+        try:
+            yield
+        except BaseException:
+            with torch.no_grad():
+                for job in reversed(self._undo):
+                    kernels.scatter([job])  # one by one: later writes may cover earlier ones
+            alphas, active, self.enabled, adapters, targets, fields, entries = saved
+            self.alphas, self.active, self.adapters, self.targets = alphas, active, adapters, targets
+            for target, positions, backup, written, held in fields:
+                target.positions, target.backup, target.written, target.entries = positions, backup, written, held
+            for entry, positions, deltas, slots in entries:
+                entry.positions, entry.deltas, entry.slots = positions, deltas, slots
+            raise
+        finally:
+            self._undo = None
+
+    def _logged(self, writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], overflowed: Iterable[bool] = (),
+                keys: list[str] | None = None) -> None:
+        """Record writes just made as (weight, positions, what they held before), then refuse the keys whose pass
+        found a value that would not be finite (the kernels kept the original there)."""
+        if self._undo is not None:
+            self._undo.extend(writes)
+        self._refuse_overflows([key for key, flag in zip(keys or [], overflowed) if flag])
+
+    def _scatter(self, jobs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """`kernels.scatter`, logged (rare paths: what the weights held there is read first)."""
+        before = kernels.gather([(weight, positions) for weight, positions, _ in jobs])
+        kernels.scatter(jobs)
+        self._logged([(weight, positions, old) for (weight, positions, _), old in zip(jobs, before)])
+
+    def _refuse_overflows(self, keys: list[str]) -> None:
+        if keys:
+            raise self._overflow_error(keys[0])
+
+    def _overflow_error(self, key: str) -> ShiraLoadError:
+        dtype = self.resolve_parameter(*key.split(".", 1)).dtype
+        strengths = {name: self.alphas[name] for name in self.active} if self.enabled else {}
+        return ShiraLoadError(f"{key}: the active adapters at these strengths ({strengths}) would write values beyond "
+                              f"{dtype}'s range (|x| <= {torch.finfo(dtype).max:.4g}) into this weight; nothing was changed "
+                              "(lower the strengths, or use a wider dtype)")
 
     # ---- internals -------------------------------------------------------------------------------
     def _check_layout(self, keys: list[str]) -> None:
@@ -528,12 +622,18 @@ class ScatterEngine:
         changed = [False] * len(keys)
         for i in plain:
             values[i] = self._values(targets[i])
+        sums = {i: self._sums(targets[i]) for i in growing}
+        self._refuse_overflows([keys[i] for i in plain if values[i] is not targets[i].backup and _overflowed(values[i], targets[i].backup)]
+                               + [keys[i] for i in growing if _overflowed(sums[i], targets[i].backup)])  # before any write
         with torch.no_grad():
             got, flags = kernels.exchange([(targets[i].parameter.data, targets[i].positions, values[i], targets[i].written) for i in plain])
+            self._logged([(targets[i].parameter.data, targets[i].positions, old) for i, old in zip(plain, got)])
             for i, old, flag in zip(plain, got, flags):
                 olds[i], changed[i] = old, flag
-            got, wrote, flags = kernels.grow_exchange([(targets[i].parameter.data, targets[i].positions, self._sums(targets[i]),
-                                                        targets[i].written, unread[keys[i]], targets[i].backup) for i in growing])
+            got, wrote, flags, overflowed = kernels.grow_exchange([(targets[i].parameter.data, targets[i].positions, sums[i],
+                                                                    targets[i].written, unread[keys[i]], targets[i].backup) for i in growing])
+            self._logged([(targets[i].parameter.data, targets[i].positions, old) for i, old in zip(growing, got)], overflowed,
+                         [keys[i] for i in growing])
         for i, old, written, flag in zip(growing, got, wrote, flags):  # the originals read went into backup and written
             olds[i], values[i], changed[i] = old, written, flag
         moved = [i for i, flag in enumerate(changed) if flag]
@@ -541,8 +641,9 @@ class ScatterEngine:
             target = targets[i]
             target.backup = _rebased(target.backup, olds[i], target.written)
             values[i] = self._values(target)
+        self._refuse_overflows([keys[i] for i in moved if _overflowed(values[i], targets[i].backup)])
         if moved:
             with torch.no_grad():
-                kernels.scatter([(targets[i].parameter.data, targets[i].positions, values[i]) for i in moved])
+                self._scatter([(targets[i].parameter.data, targets[i].positions, values[i]) for i in moved])
         for target, written in zip(targets, values):
             target.written = written

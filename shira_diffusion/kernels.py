@@ -14,7 +14,7 @@ Both paths compute the same bits: a write is `fp32(W0) + fp32(alpha) * delta` wi
 before the sum (no fused multiply-add), cast once to the weight's dtype (fp64 weights sum in fp64).
 
 Usage:
-    backups, written = gather_add_scatter([(weight, positions, deltas_fp32)], alpha)   # W[p] = W0[p] + alpha * d
+    backups, written, overflowed = gather_add_scatter([(weight, positions, deltas_fp32)], alpha)   # W[p] = W0[p] + alpha*d
     scatter([(weight, positions, backups[0])])                                          # exact restore
 """
 
@@ -141,10 +141,12 @@ if numba is not None:
             changed[c] = differs
 
     @_compiled(parallel=True, nogil=True)
-    def _grow_exchange(weights, positions, sums, expecteds, fresh, backups, olds, writtens, sizes, chunks, changed, blike, flike, mlike, ilike):
+    def _grow_exchange(weights, positions, sums, expecteds, fresh, backups, olds, writtens, sizes, chunks, changed, overflows,
+                       blike, flike, mlike, ilike):
         # fp32 weights only (the sum needs float arithmetic). At a fresh position the weight holds the original:
-        # it goes into the backup (and the expected value) and `original + sum` is written; elsewhere `sum` is the
-        # value, as in _exchange. Two views of each weight: bits to compare exactly, floats to add.
+        # it goes into the backup (and the expected value) and `original + sum` is written (the original kept, and
+        # the piece flagged, where that sum of finite values is not finite); elsewhere `sum` is the value, as in
+        # _exchange. Two views of each weight: bits to compare exactly, floats to add.
         for c in numba.prange(chunks.shape[0]):
             job, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
             bits = _view(weights[job], sizes[job, 1], blike)
@@ -156,7 +158,7 @@ if numba is not None:
             backup = _view(backups[job], sizes[job, 0], blike)[start:stop]
             old = _view(olds[job], sizes[job, 0], blike)[start:stop]
             written = _view(writtens[job], sizes[job, 0], flike)[start:stop]
-            differs = False
+            differs = overflow = False
             for i in range(stop - start):
                 if i + _AHEAD < stop - start:
                     _prefetch(weight, index[i + _AHEAD])
@@ -164,20 +166,25 @@ if numba is not None:
                 old[i] = bits[at]
                 if new_here[i]:
                     backup[i] = expected[i] = old[i]
-                    value = weight[at] + total[i]  # no fastmath: the same bits as torch's fp32 add
+                    original = weight[at]
+                    value = original + total[i]  # no fastmath: the same bits as torch's fp32 add
+                    if not np.isfinite(value) and np.isfinite(original):
+                        overflow, value = True, original
                 else:
                     differs |= old[i] != expected[i]
                     value = total[i]
                 weight[at] = value
                 written[i] = value
             changed[c] = differs
+            overflows[c] = overflow
 
     @_compiled(parallel=True, nogil=True)
     def _switch(weights, leaving, backups, expecteds, olds, arriving, deltas, alphas, new_backups, writtens, sizes, pieces, changed,
-                blike, flike, ilike):
+                overflows, blike, flike, ilike):
         # Per piece (a range of one weight, small enough for the lines it touches to stay in cache): first the
         # leaving positions get their backup back (keeping what was there, compared with what was expected), then
-        # the arriving ones get `original + alpha * delta`, reading the original where it was just restored.
+        # the arriving ones get `original + alpha * delta`, reading the original where it was just restored (kept,
+        # and the piece flagged, where that value from finite ones is not finite).
         for c in numba.prange(pieces.shape[0]):
             job = pieces[c, 0]
             i, i_stop, j, j_stop = pieces[c, 1], pieces[c, 2], pieces[c, 3], pieces[c, 4]
@@ -197,6 +204,7 @@ if numba is not None:
                 old[k] = value
                 differs |= value != expected[k]
                 bits[at] = back[k]
+            overflow = False
             for k in range(j_stop - j):
                 if k + _AHEAD < j_stop - j:
                     _prefetch(weight, in_at[k + _AHEAD])
@@ -204,9 +212,12 @@ if numba is not None:
                 base = weight[at]
                 new_back[k] = base
                 value = base + alpha * delta[k]  # no fastmath: product rounded, then sum, as in torch
+                if not np.isfinite(value) and np.isfinite(base):
+                    overflow, value = True, base
                 weight[at] = value
                 written[k] = value
             changed[c] = differs
+            overflows[c] = overflow
 
     @_compiled(nogil=True)
     def _pieces(leaving, arriving, sizes, first_row, rows, outside, piece, ilike):
@@ -261,7 +272,8 @@ if numba is not None:
                 k += 1
 
     @_compiled(parallel=True, nogil=True)
-    def _gather_add_scatter(weights, positions, deltas, backups, writtens, sizes, chunks, alpha, wlike, ilike):
+    def _gather_add_scatter(weights, positions, deltas, backups, writtens, sizes, chunks, alpha, overflows, wlike, ilike):
+        # Where `W0 + alpha * delta` from finite values is not finite, W0 stays and the chunk is flagged.
         for c in numba.prange(chunks.shape[0]):
             job, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
             weight = _view(weights[job], sizes[job, 1], wlike)
@@ -269,6 +281,7 @@ if numba is not None:
             delta = _view(deltas[job], sizes[job, 0], wlike)[start:stop]
             backup = _view(backups[job], sizes[job, 0], wlike)[start:stop]
             written = _view(writtens[job], sizes[job, 0], wlike)[start:stop]
+            overflow = False
             for i in range(stop - start):
                 if i + _AHEAD < stop - start:
                     _prefetch(weight, index[i + _AHEAD])
@@ -276,8 +289,11 @@ if numba is not None:
                 old = weight[at]
                 backup[i] = old
                 new = old + alpha * delta[i]  # no fastmath: product rounded, then sum, as in torch
+                if not np.isfinite(new) and np.isfinite(old):
+                    overflow, new = True, old
                 weight[at] = new
                 written[i] = new
+            overflows[c] = overflow
 
     @_compiled(parallel=True, nogil=True)
     def _add_scatter(weights, positions, bases, values, sizes, chunks, wlike, ilike):
@@ -410,6 +426,15 @@ def as_bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
 
 
+def kept_finite(values: torch.Tensor, originals: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """`values` with the originals kept where a value is not finite but its original is (a write that overflowed
+    the weight's dtype), and whether there was any: what the compiled loops do inline."""
+    if bool(torch.isfinite(values).all()):
+        return values, False
+    overflowed = ~torch.isfinite(values) & torch.isfinite(originals)
+    return torch.where(overflowed, originals.to(values.dtype), values), bool(overflowed.any())
+
+
 def exchange(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[list[torch.Tensor], list[bool]]:
     """For each (weight, sorted positions, values, expected), values and expected in the weight's dtype: scatter the
     values; return what each weight held there before and whether that differed (in any bit) from `expected`."""
@@ -440,20 +465,22 @@ def exchange(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     return olds, changed
 
 
-def grow_exchange(jobs: Sequence[tuple[torch.Tensor, ...]]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
+def grow_exchange(jobs: Sequence[tuple[torch.Tensor, ...]]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool], list[bool]]:
     """`exchange` where some positions are new to the caller (`fresh`): there the weight still holds its original,
     which is stored into `backup` and `expected` (in place) and `original + sum` written; elsewhere `sum` is the value.
 
     Each job: (weight, sorted positions, sums, expected, fresh, backup), `sums` in the accumulation dtype (fp32, fp64
     for fp64 weights), `expected` and `backup` in the weight's dtype, `fresh` bool. Every value is cast once to the
     weight's dtype. Returns (what each weight held there, what was written, whether any position that is not fresh
-    differed from `expected`). One pass on CPU fp32 weights; otherwise gather, torch arithmetic, scatter (same bits).
-    Usage: olds, written, changed = grow_exchange([(weight, positions, sums, expected, fresh, backup)])
+    differed from `expected`, whether some fresh `original + sum` from finite values was not finite: the original
+    was kept there). One pass on CPU fp32 weights; otherwise gather, torch arithmetic, scatter (same bits).
+    Usage: olds, written, changed, overflowed = grow_exchange([(weight, positions, sums, expected, fresh, backup)])
     """
     flats = [(weight.view(-1), *rest) for weight, *rest in jobs]
     olds: list[torch.Tensor | None] = [None] * len(flats)
     writtens: list[torch.Tensor | None] = [None] * len(flats)
     changed = [False] * len(flats)
+    overflowed = [False] * len(flats)
     groups, rest = _split(flats, lambda w, p, s, e, f, b: w.dtype == s.dtype == e.dtype == b.dtype == torch.float32
                           and f.dtype == torch.bool and s.numel() == e.numel() == f.numel() == b.numel() == p.numel())
     if rest:
@@ -462,7 +489,8 @@ def grow_exchange(jobs: Sequence[tuple[torch.Tensor, ...]]) -> tuple[list[torch.
         for i, old in zip(rest, gathered):
             weight, _, sums, expected, fresh, backup = flats[i]
             olds[i] = old
-            writtens[i] = torch.where(fresh, old.to(sums.dtype) + sums, sums).to(weight.dtype)
+            values = torch.where(fresh, old.to(sums.dtype) + sums, sums).to(weight.dtype)
+            writtens[i], overflowed[i] = kept_finite(values, torch.where(fresh, old, values))  # sums: checked by the caller
             differ.append(((as_bits(old) != as_bits(expected)) & ~fresh).any())
             backup.copy_(torch.where(fresh, old, backup))
             expected.copy_(torch.where(fresh, old, expected))
@@ -476,14 +504,15 @@ def grow_exchange(jobs: Sequence[tuple[torch.Tensor, ...]]) -> tuple[list[torch.
         written = [torch.empty(p.numel(), dtype=torch.float32) for p in positions]
         sizes, chunks = _chunks(weights, positions)
         flags = np.zeros(len(chunks), dtype=np.bool_)
+        overflows = np.zeros(len(chunks), dtype=np.bool_)
         with _launch():
             _grow_exchange(_addresses(weights), _addresses(positions), _addresses(sums), _addresses(expected), _addresses(fresh),
-                           _addresses(backups), _addresses(kept), _addresses(written), sizes, chunks, flags, _like(np.int32),
+                           _addresses(backups), _addresses(kept), _addresses(written), sizes, chunks, flags, overflows, _like(np.int32),
                            _like(np.float32), _like(np.uint8), _like(_INDEX[index_dtype]))
-        moved = set(chunks[flags, 0].tolist())
+        moved, flagged = set(chunks[flags, 0].tolist()), set(chunks[overflows, 0].tolist())
         for j, (i, old, values) in enumerate(zip(members, kept, written)):
-            olds[i], writtens[i], changed[i] = old, values, j in moved
-    return olds, writtens, changed
+            olds[i], writtens[i], changed[i], overflowed[i] = old, values, j in moved, j in flagged
+    return olds, writtens, changed, overflowed
 
 
 def merge(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -548,21 +577,23 @@ def _merged_pieces(leaving: Sequence[torch.Tensor], arriving: Sequence[torch.Ten
     return rows
 
 
-def switch(jobs: Sequence[tuple], alphas: Sequence[float]) -> tuple[list[torch.Tensor], list[bool], list[torch.Tensor], list[torch.Tensor]]:
+def switch(jobs: Sequence[tuple], alphas: Sequence[float]) -> tuple[list[torch.Tensor], list[bool], list[torch.Tensor], list[torch.Tensor], list[bool]]:
     """Swap one adapter for another on weights nothing else holds: per job (weight, leaving positions, their backup,
     what we last wrote there, arriving positions, fp32 deltas) restore the backups and write
     `original + alpha * delta` at the arriving positions (where a position is in both, the original is the backup).
 
     Returns (what the weight held at the leaving positions, whether that differed from what was expected, the
-    originals at the arriving positions: their backup, the values written there). One pass on CPU fp32 weights;
-    otherwise `exchange` then `gather_add_scatter` (the same bits).
-    Usage: olds, changed, backups, written = switch([(weight, old_pos, backup, written, new_pos, deltas)], [1.0])
+    originals at the arriving positions: their backup, the values written there, whether some value from finite ones
+    was not finite: the original was kept there). One pass on CPU fp32 weights; otherwise `exchange` then
+    `gather_add_scatter` (the same bits).
+    Usage: olds, changed, backups, written, overflowed = switch([(weight, old_pos, backup, written, new_pos, deltas)], [1.0])
     """
     flats = [(weight.view(-1), *rest) for weight, *rest in jobs]
     olds: list[torch.Tensor | None] = [None] * len(flats)
     changed = [False] * len(flats)
     backups: list[torch.Tensor | None] = [None] * len(flats)
     writtens: list[torch.Tensor | None] = [None] * len(flats)
+    overflowed = [False] * len(flats)
     groups, rest = _split(flats, lambda w, lp, b, e, ap, d: w.dtype == b.dtype == e.dtype == d.dtype == torch.float32
                           and lp.dtype == ap.dtype and b.numel() == e.numel() == lp.numel() and d.numel() == ap.numel())
     if rest:  # restore first, so arriving positions that were leaving ones read their original
@@ -573,8 +604,8 @@ def switch(jobs: Sequence[tuple], alphas: Sequence[float]) -> tuple[list[torch.T
         for i in rest:
             by_alpha.setdefault(alphas[i], []).append(i)
         for alpha, members in by_alpha.items():
-            for i, backup, written in zip(members, *gather_add_scatter([(flats[i][0], flats[i][4], flats[i][5]) for i in members], alpha)):
-                backups[i], writtens[i] = backup, written
+            for i, backup, written, flag in zip(members, *gather_add_scatter([(flats[i][0], flats[i][4], flats[i][5]) for i in members], alpha)):
+                backups[i], writtens[i], overflowed[i] = backup, written, flag
     for (_, index_dtype), members in groups.items():
         weights = [flats[i][0] for i in members]
         leaving, backup, expected, arriving, deltas = ([flats[i][k].contiguous() for i in members] for k in range(1, 6))
@@ -584,31 +615,36 @@ def switch(jobs: Sequence[tuple], alphas: Sequence[float]) -> tuple[list[torch.T
         sizes = np.array([(a.numel(), b.numel(), w.numel()) for a, b, w in zip(leaving, arriving, weights)], dtype=np.int64).reshape(-1, 3)
         pieces = _merged_pieces(leaving, arriving, sizes, index_dtype)
         flags = np.zeros(len(pieces), dtype=np.bool_)
+        overflows = np.zeros(len(pieces), dtype=np.bool_)
         with _launch():
             _switch(_addresses(weights), _addresses(leaving), _addresses(backup), _addresses(expected), _addresses(kept),
                     _addresses(arriving), _addresses(deltas), np.array([alphas[i] for i in members], dtype=np.float32),
-                    _addresses(new_backups), _addresses(written), sizes, pieces, flags, _like(np.int32), _like(np.float32),
+                    _addresses(new_backups), _addresses(written), sizes, pieces, flags, overflows, _like(np.int32), _like(np.float32),
                     _like(_INDEX[index_dtype]))
-        moved = set(pieces[flags, 0].tolist())
+        moved, flagged = set(pieces[flags, 0].tolist()), set(pieces[overflows, 0].tolist())
         for j, i in enumerate(members):
-            olds[i], changed[i], backups[i], writtens[i] = kept[j], j in moved, new_backups[j], written[j]
-    return olds, changed, backups, writtens
+            olds[i], changed[i], backups[i], writtens[i], overflowed[i] = kept[j], j in moved, new_backups[j], written[j], j in flagged
+    return olds, changed, backups, writtens, overflowed
 
 
-def gather_add_scatter(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], alpha: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def gather_add_scatter(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], alpha: float) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
     """For each (weight, sorted positions, fp32 deltas): write `W0 + alpha * deltas` there; return (W0 there: the
-    backups, the values written), both in the weight's dtype.
+    backups, the values written, both in the weight's dtype; whether some value from finite ones was not finite in
+    the weight's dtype: there W0 was kept, so a caller undoes the rest with the backups).
 
     One pass on CPU fp32 weights; other dtypes and devices: gather, add in fp32, cast once, scatter (same bits).
     """
     flats = [(weight.view(-1), positions, deltas) for weight, positions, deltas in jobs]
     backups: list[torch.Tensor | None] = [None] * len(flats)
     writtens: list[torch.Tensor | None] = [None] * len(flats)
+    overflowed = [False] * len(flats)
     groups, rest = _split(flats, lambda w, p, d: w.dtype == d.dtype == torch.float32 and d.numel() == p.numel())
     if rest:
         gathered = gather([flats[i][:2] for i in rest])
         for i, backup in zip(rest, gathered):
-            backups[i], writtens[i] = backup, add_scaled(backup.to(torch.promote_types(backup.dtype, torch.float32), copy=True), flats[i][2], alpha).to(backup.dtype)
+            sums = add_scaled(backup.to(torch.promote_types(backup.dtype, torch.float32), copy=True), flats[i][2], alpha)
+            backups[i] = backup
+            writtens[i], overflowed[i] = kept_finite(sums.to(backup.dtype), backup)
         scatter([(flats[i][0], flats[i][1], writtens[i]) for i in rest])
     for (_, index_dtype), members in groups.items():
         weights, positions = [flats[i][0] for i in members], [flats[i][1] for i in members]
@@ -616,12 +652,14 @@ def gather_add_scatter(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Te
         results = [torch.empty(p.numel(), dtype=torch.float32) for p in positions]
         written = [torch.empty(p.numel(), dtype=torch.float32) for p in positions]
         sizes, chunks = _chunks(weights, positions)
+        flags = np.zeros(len(chunks), dtype=np.bool_)
         with _launch():
             _gather_add_scatter(_addresses(weights), _addresses(positions), _addresses(deltas), _addresses(results), _addresses(written),
-                                sizes, chunks, np.float32(alpha), _like(np.float32), _like(_INDEX[index_dtype]))
-        for i, result, values in zip(members, results, written):
-            backups[i], writtens[i] = result, values
-    return backups, writtens
+                                sizes, chunks, np.float32(alpha), flags, _like(np.float32), _like(_INDEX[index_dtype]))
+        flagged = set(chunks[flags, 0].tolist())
+        for j, (i, result, values) in enumerate(zip(members, results, written)):
+            backups[i], writtens[i], overflowed[i] = result, values, j in flagged
+    return backups, writtens, overflowed
 
 
 def add_scatter(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:

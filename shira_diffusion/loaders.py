@@ -14,6 +14,8 @@ Usage:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import json
 import os
@@ -33,7 +35,7 @@ from diffusers import (
 )
 from torch import nn
 
-from .engine import ScatterEngine, ShiraLoadError
+from .engine import ScatterEngine, ShiraLoadError, checked_name
 from .format import (
     PEFT_CONFIG_NAME,
     PEFT_WEIGHT_NAME,
@@ -289,6 +291,8 @@ class ShiraLoaderMixin:
         """
         if hotswap and adapter_name is None:
             raise ShiraLoadError("hotswap=True replaces a loaded adapter: name it with adapter_name=")
+        if adapter_name is not None:
+            checked_name(adapter_name)
         with self.shira_engine.lock:
             adapter = self._shira_resolve(src, weight_name, subfolder, component, hub_kwargs)
             if component is not None and not adapter.components == [component]:
@@ -305,12 +309,14 @@ class ShiraLoaderMixin:
                 while f"default_{index}" in engine.alphas:
                     index += 1
                 adapter_name = f"default_{index}"
-            # Files and state dicts were checked while being read; a caller's object is checked here.
+            # What was read from a file is checked and nobody else holds it; the engine checks and copies a caller's
+            # object or state dict (whose tensors the caller may change later).
+            read_here = isinstance(src, (str, os.PathLike))
             strength = adapter.default_alpha if alpha is None else _expand_blocks(adapter_name, alpha, engine.components)
             if hotswap:
-                engine.replace(adapter_name, adapter, strength, validated=not isinstance(src, ShiraAdapter))
+                engine.replace(adapter_name, adapter, strength, validated=read_here)
             else:
-                engine.add(adapter_name, adapter, strength, validated=not isinstance(src, ShiraAdapter))
+                engine.add(adapter_name, adapter, strength, validated=read_here)
             return adapter_name
 
     def set_shira_adapters(
@@ -327,7 +333,7 @@ class ShiraLoaderMixin:
         Usage: pipe.set_shira_adapters(["bluefire", "paintings"], weights=[0.7, {"unet": 0.5, "text_encoder": 0.2}])
         """
         engine = self.shira_engine
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = [checked_name(n) for n in ([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))]
         if len(set(names)) != len(names):
             raise ShiraLoadError(f"adapter names repeat: {names}")
         with engine.lock:  # each one's last strength, as it is when the switch runs
@@ -360,20 +366,22 @@ class ShiraLoaderMixin:
     def get_shira_adapters(self) -> dict[str, dict[str, Any]]:
         """name -> {"components", "parameters", "alpha" (a float or {component: float}), "active"}."""
         engine = self.shira_engine
-        return {
-            name: {
-                "components": engine.adapters[name].components,
-                "parameters": engine.adapters[name].num_parameters,
-                "alpha": alpha,
-                "active": name in engine.active and engine.enabled,
+        with engine.lock:  # a consistent view, not one torn by a load in another thread
+            return {
+                name: {
+                    "components": engine.adapters[name].components,
+                    "parameters": engine.adapters[name].num_parameters,
+                    "alpha": copy.deepcopy(alpha),
+                    "active": name in engine.active and engine.enabled,
+                }
+                for name, alpha in engine.alphas.items()
             }
-            for name, alpha in engine.alphas.items()
-        }
 
     def get_active_shira_adapters(self) -> list[str]:
         """Names of the adapters currently written into the weights, in activation order."""
         engine = self.shira_engine
-        return list(engine.active) if engine.enabled else []
+        with engine.lock:
+            return list(engine.active) if engine.enabled else []
 
     def save_shira_weights(
         self,
@@ -390,14 +398,15 @@ class ShiraLoaderMixin:
         Usage: pipe.save_shira_weights("out/", adapter_name="bluefire", push_to_hub=True, repo_id="me/bluefire")
         """
         engine = self.shira_engine
-        if adapter_name is None:
-            if len(engine.adapters) != 1:
-                raise ShiraLoadError(f"pass adapter_name: {len(engine.adapters)} adapters are loaded ({sorted(engine.adapters)})")
-            adapter_name = next(iter(engine.adapters))
-        engine.check_names([adapter_name])
-        adapter = engine.adapters[adapter_name]
+        with engine.lock:  # the adapter as loaded now (a copy taken under the lock; writing the file needs no lock)
+            if adapter_name is None:
+                if len(engine.adapters) != 1:
+                    raise ShiraLoadError(f"pass adapter_name: {len(engine.adapters)} adapters are loaded ({sorted(engine.adapters)})")
+                adapter_name = next(iter(engine.adapters))
+            engine.check_names([adapter_name])
+            adapter = engine.adapters[adapter_name]
         if adapter.base_model is None:
-            adapter.base_model = getattr(self, "name_or_path", None)
+            adapter = dataclasses.replace(adapter, base_model=getattr(self, "name_or_path", None))
         folder = adapter.save_pretrained(save_directory, weight_name)
         if push_to_hub:
             if repo_id is None:

@@ -35,7 +35,8 @@ def test_gather_add_scatter_writes_w0_plus_alpha_delta_and_restores_exactly(path
     weights, positions, deltas = weights_and_jobs(dtype)
     positions = [p.to(index_dtype) for p in positions]
     originals = [w.clone() for w in weights]
-    backups, written = kernels.gather_add_scatter(list(zip(weights, positions, deltas)), 0.7)
+    backups, written, overflowed = kernels.gather_add_scatter(list(zip(weights, positions, deltas)), 0.7)
+    assert overflowed == [False] * 4
     for weight, original, index, delta, backup, values in zip(weights, originals, positions, deltas, backups, written):
         assert torch.equal(backup, original.view(-1)[index])
         expected = original.clone().view(-1)
@@ -63,9 +64,10 @@ def test_switch_is_exchange_then_gather_add_scatter_in_one_pass(path, dtype):
                      torch.randn(arriving, generator=generator)))
     weights[1][jobs[1][1][-1]] = float("nan")
     reference = [w.clone() for w in weights]
-    olds, changed, backups, written = kernels.switch(jobs, [0.7, -1.3, 2.0, 1.0])
+    olds, changed, backups, written, overflowed = kernels.switch(jobs, [0.7, -1.3, 2.0, 1.0])
+    assert overflowed == [False] * 4
     expected_olds, expected_changed = kernels.exchange([(r, *job[1:4]) for r, job in zip(reference, jobs)])
-    expected_backups, expected_written = kernels.gather_add_scatter([(r, job[4], job[5]) for r, job in zip(reference[:1], jobs[:1])], 0.7)
+    expected_backups, expected_written, _ = kernels.gather_add_scatter([(r, job[4], job[5]) for r, job in zip(reference[:1], jobs[:1])], 0.7)
     for alpha, r, job in zip([-1.3, 2.0, 1.0], reference[1:], jobs[1:]):
         more = kernels.gather_add_scatter([(r, job[4], job[5])], alpha)
         expected_backups, expected_written = expected_backups + more[0], expected_written + more[1]
@@ -88,7 +90,8 @@ def test_grow_exchange_reads_originals_where_fresh_and_compares_elsewhere(path, 
     expected[3][fresh[3]] = 0  # differs only where fresh: not compared
     backups = [torch.full((p.numel(),), -0.0, dtype=dtype) for p in positions]
     old_backups, old_expected = [b.clone() for b in backups], [e.clone() for e in expected]
-    olds, written, changed = kernels.grow_exchange(list(zip(weights, positions, sums, expected, fresh, backups)))
+    olds, written, changed, overflowed = kernels.grow_exchange(list(zip(weights, positions, sums, expected, fresh, backups)))
+    assert overflowed == [False] * 4
     assert changed == [False, True, False, False]
     for weight, original, index, new, total, old, values in zip(weights, originals, positions, fresh, sums, olds, written):
         want = torch.where(new, original.view(-1)[index].to(accumulate) + total, total).to(dtype)
@@ -260,3 +263,32 @@ def test_decode_sends_tensors_off_the_cpu_to_torch_not_to_the_compiled_loop():
     with pytest.raises(NotImplementedError):
         kernels.decode([tuple(t.to("meta") for t in job[:4]) + (100,)])
     assert kernels.decode([job])[0][0].tolist() == [1, 5, 9]
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:3])  # fp64 weights cannot overflow from fp32 deltas and strengths
+def test_every_writing_pass_keeps_the_original_where_a_finite_sum_would_not_be_finite(path, dtype):
+    big = 0.75 * float(torch.finfo(dtype).max)
+    accumulate = torch.promote_types(dtype, torch.float32)
+
+    def fixture():
+        weight = torch.zeros(10, dtype=dtype)
+        weight[3] = big
+        weight[6] = float("inf")  # already not finite: not the adapter's doing, not flagged
+        return weight, torch.tensor([3, 4, 6]), torch.tensor([big, 1.0, 1.0], dtype=torch.float32).to(accumulate)
+
+    weight, positions, deltas = fixture()
+    _, written, overflowed = kernels.gather_add_scatter([(weight, positions, deltas.float())], 1.0)
+    assert overflowed == [True] and weight[3] == big and weight[4] == 1 and torch.isinf(weight[6])
+    weight, positions, deltas = fixture()
+    sums = torch.tensor([big, 1.0, 1.0], dtype=accumulate)
+    fresh = torch.tensor([True, True, True])
+    none = torch.full((3,), -0.0, dtype=dtype)
+    *_, overflowed = kernels.grow_exchange([(weight, positions, sums, none.clone(), fresh, none.clone())])
+    assert overflowed == [True] and weight[3] == big and weight[4] == 1
+    weight, positions, deltas = fixture()
+    empty = torch.empty(0, dtype=torch.int64)
+    *_, overflowed = kernels.switch([(weight, empty, weight.new_empty(0), weight.new_empty(0), positions, deltas.float())], [1.0])
+    assert overflowed == [True] and weight[3] == big and weight[4] == 1
+    weight, positions, deltas = fixture()
+    *_, overflowed = kernels.switch([(weight, empty, weight.new_empty(0), weight.new_empty(0), positions, deltas.float() * 1e-3)], [1.0])
+    assert overflowed == [False]
