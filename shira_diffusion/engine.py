@@ -167,6 +167,7 @@ class ScatterEngine:
         self.alphas: dict[str, Strength] = {}  # loaded adapter -> its strength when active
         self.active: list[str] = []
         self.enabled = True
+        self.scale = 1.0  # multiplies every strength (diffusers' per-call `cross_attention_kwargs["scale"]`)
         self.adapters: dict[str, ShiraAdapter] = {}  # kept (on the CPU) for saving and inspection
         self.targets: dict[str, _Target] = {}  # "<component>.<parameter>" -> target
         self.attentions: dict[str, nn.Module] = {}  # projection weight key -> the attention holding it (a lookup cache)
@@ -281,9 +282,11 @@ class ScatterEngine:
         return names
 
     # ---- mutations -------------------------------------------------------------------------------
-    def add(self, name: str, adapter: ShiraAdapter, alpha: float | Mapping, activate: bool = True, validated: bool = False) -> None:
-        """Validate, back up the new positions, then write. `alpha`: any strength `set_active` takes. The engine keeps
-        its own copy of `adapter`, unless `validated` (the adapter was just read from a file and handed over).
+    def add(self, name: str, adapter: ShiraAdapter, alpha: float | Mapping, activate: bool = True, validated: bool = False,
+            alone: bool = False) -> None:
+        """Validate, back up the new positions, then write. `alpha`: any strength `set_active` takes. `alone`: the new
+        adapter becomes the only active one (diffusers' loading), in the same call. The engine keeps its own copy of
+        `adapter`, unless `validated` (the adapter was just read from a file and handed over).
         Usage: engine.add("a", adapter, 1.0)"""
         with self.lock, self._transaction():
             parameters = self.check(adapter, name, validated)
@@ -299,13 +302,18 @@ class ScatterEngine:
                     fresh.append((key, parameter, entry))
                 else:
                     joined.append((key, target, entry))
+            leaving = self._keys_of(set(self.active)) if alone and activate else []
+            if leaving:
+                self._check_layout(leaving)
+                self.active = []
             self.alphas[name] = strength
             self.adapters[name] = adapter
             if activate:
                 self.active.append(name)
             with torch.no_grad():
                 if activate and self.enabled and uniform:  # W0 + alpha*S written while the backup is read: one pass
-                    backups, writtens, overflowed = kernels.gather_add_scatter([(p.data, e.positions, e.deltas) for _, p, e in fresh], strength)
+                    backups, writtens, overflowed = kernels.gather_add_scatter([(p.data, e.positions, e.deltas) for _, p, e in fresh],
+                                                                               strength * self.scale)
                     self._logged([(p.data, e.positions, backup) for (_, p, e), backup in zip(fresh, backups)], overflowed, [k for k, _, _ in fresh])
                 else:
                     backups = writtens = kernels.gather([(p.data, e.positions) for _, p, e in fresh])
@@ -313,7 +321,8 @@ class ScatterEngine:
                 self.targets[key] = _Target(parameter, entry.positions, backup, written, {name: entry})
             unread = self._grow([(key, name, entry) for key, _, entry in joined])
             rewrite = [key for key, _, _ in joined] + ([] if uniform or not activate else [key for key, _, _ in fresh])
-            self._write(rewrite, unread)  # joined weights: the sum with the others; fresh ones at a non-uniform strength
+            # joined weights: the sum with the others; fresh ones at a non-uniform strength; those deactivated
+            self._write(list(dict.fromkeys(rewrite + leaving)), unread)
 
     def set_active(self, weights: Mapping[str, float | Mapping[str, float]]) -> None:
         """Exactly these adapters active, at these strengths (multi-adapter fusion); a strength is a float or
@@ -378,7 +387,7 @@ class ScatterEngine:
             old = (target.positions, target.backup, target.written) if target is not None else (no_positions, no_values, no_values)
             new = (entry.positions, entry.deltas) if entry is not None else (no_positions, no_values.float())
             jobs.append((weight, *old, *new))
-            alphas.append(_alpha(self.alphas[name], entry.key) if entry is not None else 1.0)
+            alphas.append(_alpha(self.alphas[name], entry.key) * self.scale if entry is not None else 1.0)
         with torch.no_grad():
             olds, changed, backups, writtens, overflowed = kernels.switch(jobs, alphas)
         # undone in reverse: the arriving positions get their originals, then the leaving ones what they held
@@ -424,6 +433,25 @@ class ScatterEngine:
             self._write(keys)  # the originals where only the removed adapters wrote, the others' sum elsewhere
             self._shrink(keys)
 
+    def set_scale(self, scale: float) -> None:
+        """Multiply every active strength by `scale` (1.0: as set), rewriting the active adapters' weights.
+        Usage: engine.set_scale(0.5); ...; engine.set_scale(1.0)"""
+        with self.lock, self._transaction():
+            scale = _finite("scale", scale)
+            if scale == self.scale:
+                return
+            keys = self._keys_of(set(self.active))
+            self._check_layout(keys)
+            self.scale = scale
+            self._write(keys)
+
+    def merge_and_unload(self) -> None:
+        """What the weights hold now stays in them for good (the active adapters, PEFT's `merge_and_unload`): every
+        adapter, backup and position list is dropped, nothing is written. Usage: engine.merge_and_unload()"""
+        with self.lock:
+            self.alphas, self.active, self.adapters, self.targets = {}, [], {}, {}
+            self.enabled, self.scale = True, 1.0
+
     def set_enabled(self, enabled: bool) -> None:
         """Disable: every touched weight shows its original values; enable: the active set again."""
         with self.lock, self._transaction():
@@ -440,7 +468,7 @@ class ScatterEngine:
         if self._undo is not None:  # a mutation inside another: the outer one undoes both
             yield
             return
-        saved = (dict(self.alphas), list(self.active), self.enabled, dict(self.adapters), dict(self.targets),
+        saved = (dict(self.alphas), list(self.active), self.enabled, self.scale, dict(self.adapters), dict(self.targets),
                  [(t, t.positions, t.backup, t.written, dict(t.entries)) for t in self.targets.values()],
                  [(e, e.positions, e.deltas, e.slots) for t in self.targets.values() for e in t.entries.values()])
         self._undo = []
@@ -450,7 +478,7 @@ class ScatterEngine:
             with torch.no_grad():
                 for job in reversed(self._undo):
                     kernels.scatter([job])  # one by one: later writes may cover earlier ones
-            alphas, active, self.enabled, adapters, targets, fields, entries = saved
+            alphas, active, self.enabled, self.scale, adapters, targets, fields, entries = saved
             self.alphas, self.active, self.adapters, self.targets = alphas, active, adapters, targets
             for target, positions, backup, written, held in fields:
                 target.positions, target.backup, target.written, target.entries = positions, backup, written, held
@@ -594,7 +622,7 @@ class ScatterEngine:
             for name in self.active:
                 entry = target.entries.get(name)
                 if entry is not None:
-                    kernels.add_scaled(values, entry.deltas, _alpha(self.alphas[name], entry.key), entry.slots)
+                    kernels.add_scaled(values, entry.deltas, _alpha(self.alphas[name], entry.key) * self.scale, entry.slots)
         return values
 
     def _values(self, target: _Target) -> torch.Tensor:

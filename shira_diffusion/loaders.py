@@ -8,7 +8,7 @@ Usage:
     pipe = ShiraStableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
     pipe.load_shira_weights("bluefire.safetensors", adapter_name="bluefire")
     pipe.load_shira_weights("paintings.safetensors", adapter_name="paintings")
-    pipe.set_shira_adapters(["bluefire", "paintings"], weights=[0.7, 0.5])   # fuse two styles
+    pipe.set_shira_adapters(["bluefire", "paintings"], adapter_weights=[0.7, 0.5])   # fuse two styles
     pipe.unload_shira_weights()                                               # base weights, bit for bit
 """
 
@@ -35,6 +35,7 @@ from diffusers import (
 )
 from torch import nn
 
+from .diffusers_verbs import DiffusersVerbsMixin
 from .engine import ScatterEngine, ShiraLoadError, checked_name
 from .format import (
     PEFT_CONFIG_NAME,
@@ -144,6 +145,27 @@ def _from_hub(repo_id: str, weight_name: str | None, subfolder: str | None, comp
         ) from None
 
 
+def _read(src: str | os.PathLike, weight_name: str | None, subfolder: str | None, component: str | None, shapes_of,
+          hub_kwargs: Mapping[str, Any], verb: str) -> ShiraAdapter:
+    """An adapter from a local file or folder, else from the Hub: what `src` names."""
+    if not isinstance(src, (str, os.PathLike)):
+        raise TypeError(f"cannot load a SHiRA adapter from a {type(src).__name__}")
+    unknown = sorted(set(hub_kwargs) - _hub_kwargs())
+    if unknown:  # a misspelled argument must not be ignored (it is never used for local files)
+        raise TypeError(f"{verb}() got an unexpected keyword argument {unknown[0]!r} "
+                        f"(Hub arguments: {', '.join(sorted(_hub_kwargs()))})")
+    path = Path(src)
+    if subfolder:
+        path = path / subfolder
+    if path.is_file():
+        return _from_file(path, component, shapes_of)
+    if path.is_dir():
+        return _from_dir(path, weight_name, component, shapes_of)
+    if not _looks_like_repo_id(str(src)):
+        raise FileNotFoundError(f"{path}: no such adapter file or folder")
+    return _from_hub(str(src), weight_name, subfolder, component, shapes_of, hub_kwargs)
+
+
 def _hub_kwargs() -> set[str]:
     """What load_shira_weights passes on to huggingface_hub's hf_hub_download (as the installed version names it)."""
     from huggingface_hub import hf_hub_download
@@ -214,9 +236,11 @@ def _expand_blocks(adapter_name: str, strength: Any, components: Mapping[str, nn
     return expanded
 
 
-class ShiraLoaderMixin:
-    """Adds `load_shira_weights`, `set_shira_adapters`, `unload_shira_weights`, `disable_shira`,
-    `enable_shira`, `get_shira_adapters` and `get_active_shira_adapters` to a diffusers pipeline.
+class ShiraLoaderMixin(DiffusersVerbsMixin):
+    """Adds `load_shira_weights`, `set_shira_adapters`, `unload_shira_weights`, `merge_and_unload_shira`,
+    `disable_shira`, `enable_shira`, `get_shira_adapters`, `get_active_shira_adapters`, `save_shira_weights` and
+    `shira_state_dict` to a diffusers pipeline, and makes diffusers' own adapter verbs act on SHiRA adapters too
+    (`DiffusersVerbsMixin`).
 
     Usage: class MyPipeline(ShiraLoaderMixin, SomeDiffusersPipeline): ...  (or `add_shira_support(pipe)`)
     """
@@ -247,22 +271,25 @@ class ShiraLoaderMixin:
             return src
         if isinstance(src, Mapping):
             return _from_tensors(src, lambda c, n: tuple(engine.resolve_parameter(c, n).shape))
-        if not isinstance(src, (str, os.PathLike)):
-            raise TypeError(f"cannot load a SHiRA adapter from a {type(src).__name__}")
-        unknown = sorted(set(hub_kwargs) - _hub_kwargs())
-        if unknown:  # a misspelled argument must not be ignored (it is never used for local files)
-            raise TypeError(f"load_shira_weights() got an unexpected keyword argument {unknown[0]!r} "
-                            f"(Hub arguments: {', '.join(sorted(_hub_kwargs()))})")
-        path = Path(src)
-        if subfolder:
-            path = path / subfolder
-        if path.is_file():
-            return _from_file(path, component, self._shira_shapes)
-        if path.is_dir():
-            return _from_dir(path, weight_name, component, self._shira_shapes)
-        if not _looks_like_repo_id(str(src)):
-            raise FileNotFoundError(f"{path}: no such adapter file or folder")
-        return _from_hub(str(src), weight_name, subfolder, component, self._shira_shapes, hub_kwargs)
+        return _read(src, weight_name, subfolder, component, self._shira_shapes, hub_kwargs, "load_shira_weights")
+
+    @classmethod
+    def shira_state_dict(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        weight_name: str | None = None,
+        subfolder: str | None = None,
+        component: str | None = None,
+        **hub_kwargs: Any,
+    ) -> ShiraAdapter:
+        """Read an adapter without a pipeline (diffusers' `lora_state_dict`): a file, a folder or a Hub repo id, with
+        `weight_name`, `subfolder` and huggingface_hub's arguments (`revision`, `cache_dir`, `token`,
+        `local_files_only`...). PEFT SHiRA folders are read into `component` (default "unet"), their shapes inferred.
+        Returns a checked `ShiraAdapter` (its `.state_dict()` is the file's tensors).
+        Usage: adapter = ShiraStableDiffusionPipeline.shira_state_dict("me/bluefire-shira"); print(adapter.summary())"""
+        return _read(pretrained_model_name_or_path, weight_name, subfolder, component, lambda target: None, hub_kwargs,
+                     "shira_state_dict")
 
     # ---- public verbs ----------------------------------------------------------------------------
     def load_shira_weights(
@@ -277,8 +304,10 @@ class ShiraLoaderMixin:
         hotswap: bool = False,
         **hub_kwargs: Any,
     ) -> str:
-        """Load an adapter and fuse it at once at strength `alpha` (default: the file's default, 1.0); `alpha`
-        takes every form `set_shira_adapters` does (per component, UNet blocks, module prefixes).
+        """Load an adapter and write it into the weights at strength `alpha` (default: the file's default, 1.0) as
+        the only active adapter, as diffusers' `load_lora_weights` makes the new adapter the active one (the others
+        stay loaded; fuse them with `set_shira_adapters`). `alpha` takes every form `set_shira_adapters` does (per
+        component, UNet blocks, module prefixes).
 
         `hotswap=True` (as in diffusers' `load_lora_weights`): the new adapter replaces the loaded adapter
         `adapter_name` in place, keeping its name and its place among the active ones, in one pass over the weights
@@ -316,36 +345,35 @@ class ShiraLoaderMixin:
             if hotswap:
                 engine.replace(adapter_name, adapter, strength, validated=read_here)
             else:
-                engine.add(adapter_name, adapter, strength, validated=read_here)
+                engine.add(adapter_name, adapter, strength, validated=read_here, alone=True)
             return adapter_name
 
     def set_shira_adapters(
         self,
         adapter_names: str | Sequence[str],
-        weights: float | Mapping[str, float] | Sequence[float | Mapping[str, float]] | None = None,
+        adapter_weights: float | Mapping[str, Any] | Sequence[float | Mapping[str, Any] | None] | None = None,
     ) -> None:
-        """Make exactly these adapters active, fused at these strengths (default: each one's last strength).
+        """Make exactly these adapters active, fused at these strengths (diffusers' `set_adapters`: a strength left
+        out, or None, is 1.0).
 
         A strength is a float or, as in diffusers' `set_adapters`, {component: float} (components left out: 1.0),
         with UNet block scales too ({"unet": {"down": 0, "mid": 0, "up": {"block_1": [0, 1, 0]}}}: attention
         blocks; other UNet weights keep 1.0) or {component: {module prefix: float}} for any component.
         One strength (not a list) applies to every named adapter.
-        Usage: pipe.set_shira_adapters(["bluefire", "paintings"], weights=[0.7, {"unet": 0.5, "text_encoder": 0.2}])
+        Usage: pipe.set_shira_adapters(["bluefire", "paintings"], adapter_weights=[0.7, {"unet": 0.5, "text_encoder": 0.2}])
         """
         engine = self.shira_engine
         names = [checked_name(n) for n in ([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))]
         if len(set(names)) != len(names):
             raise ShiraLoadError(f"adapter names repeat: {names}")
-        with engine.lock:  # each one's last strength, as it is when the switch runs
-            if weights is None:
-                engine.check_names(names)
-                values = [engine.alphas[n] for n in names]
-            elif isinstance(weights, Sequence) and not isinstance(weights, str):
-                values = list(weights)
-                if len(values) != len(names):
-                    raise ShiraLoadError(f"{len(names)} adapter names but {len(values)} weights")
-            else:  # one strength for all (the engine checks that it is one)
-                values = [weights] * len(names)
+        if isinstance(adapter_weights, Sequence) and not isinstance(adapter_weights, str):
+            values = list(adapter_weights)
+            if len(values) != len(names):
+                raise ShiraLoadError(f"{len(names)} adapter names but {len(values)} weights")
+        else:  # one strength for all (the engine checks that it is one)
+            values = [adapter_weights] * len(names)
+        values = [1.0 if value is None else value for value in values]
+        with engine.lock:
             engine.set_active({name: _expand_blocks(name, value, engine.components) for name, value in zip(names, values)})
 
     def unload_shira_weights(self, adapter_names: str | Sequence[str] | None = None) -> None:
@@ -354,6 +382,14 @@ class ShiraLoaderMixin:
         with engine.lock:  # "all" must mean the adapters loaded when the removal runs
             names = list(engine.alphas) if adapter_names is None else [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
             engine.remove(names)
+
+    def merge_and_unload_shira(self) -> None:
+        """Make the active styles permanent (PEFT's `merge_and_unload`; diffusers' `fuse_lora` then
+        `unload_lora_weights`): the weights keep what they hold, every SHiRA adapter and its backup is dropped, so
+        memory is freed and `save_pretrained` / quantisation see plain weights. Cannot be undone.
+        Usage: pipe.set_shira_adapters(["bluefire", "paintings"], [0.7, 0.5]); pipe.merge_and_unload_shira()"""
+        self.shira_engine.merge_and_unload()
+        self.__dict__.pop("_shira_fused", None)
 
     def disable_shira(self) -> None:
         """Show the base weights; adapters stay loaded. Usage: pipe.disable_shira(); ...; pipe.enable_shira()"""

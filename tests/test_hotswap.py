@@ -48,10 +48,12 @@ def test_hotswap_next_to_other_adapters_keeps_the_order_and_the_others(dtype):
     before = snapshot(pipe)
     first, second, other = (random_adapter(pipe, seed, density=0.3, scale=2.0) for seed in (0, 1, 2))
     pipe.load_shira_weights(first, adapter_name="style")
-    pipe.load_shira_weights(other, alpha=0.5, adapter_name="other")
+    pipe.load_shira_weights(other, adapter_name="other")
+    pipe.set_shira_adapters(["style", "other"], [1.0, 0.5])
     pipe.load_shira_weights(second, alpha={"unet": 0.8, "text_encoder": -1.0}, adapter_name="style", hotswap=True)
-    reference.load_shira_weights(second, alpha={"unet": 0.8, "text_encoder": -1.0}, adapter_name="style")
-    reference.load_shira_weights(other, alpha=0.5, adapter_name="other")
+    reference.load_shira_weights(second, adapter_name="style")
+    reference.load_shira_weights(other, adapter_name="other")
+    reference.set_shira_adapters(["style", "other"], [{"unet": 0.8, "text_encoder": -1.0}, 0.5])
     assert pipe.get_active_shira_adapters() == ["style", "other"]
     assert_same_bits(snapshot(pipe), snapshot(reference))
     pipe.unload_shira_weights("style")
@@ -97,12 +99,15 @@ def test_another_writers_change_survives_a_hotswap(dtype, shared):
     for pipe in pipes:
         pipe.load_shira_weights(first, adapter_name="style")
         if shared:
-            pipe.load_shira_weights(other, alpha=0.5, adapter_name="other")
+            pipe.load_shira_weights(other, adapter_name="other")
+            pipe.set_shira_adapters(["style", "other"], [1.0, 0.5])
         with torch.no_grad():
             pipe.unet.get_parameter(name).view(-1)[[1, 4]] += 0.25  # position 1 leaves, position 4 stays under `second`
     pipes[0].load_shira_weights(second, adapter_name="style", hotswap=True)
     pipes[1].unload_shira_weights("style")
     pipes[1].load_shira_weights(second, adapter_name="style")
+    if shared:
+        pipes[1].set_shira_adapters(["style", "other"], [1.0, 0.5])
     weights = [pipe.unet.get_parameter(name).detach().view(-1) for pipe in pipes]
     assert torch.equal(weights[0], weights[1])
     assert torch.allclose(weights[0][[4, 8]].float(), w0[[4, 8]].float() + torch.tensor([10.25, 20.0]), atol=0.1)

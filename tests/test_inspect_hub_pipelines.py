@@ -116,7 +116,7 @@ def test_load_fuse_unload_is_exact_on_sd3_and_flux(kind, components):
     assert first.components == sorted(components)
     pipe.load_shira_weights(first, adapter_name="a")
     pipe.load_shira_weights(random_adapter(pipe, 1, components, suffixes=suffixes, scale=1.0), adapter_name="b")
-    pipe.set_shira_adapters(["a", "b"], weights=[0.7, 0.4])
+    pipe.set_shira_adapters(["a", "b"], adapter_weights=[0.7, 0.4])
     assert not np.allclose(run(), base, atol=1e-4)
     pipe.unload_shira_weights()
     assert np.array_equal(run(), base)

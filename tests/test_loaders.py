@@ -58,11 +58,15 @@ def test_fused_weight_is_base_plus_alpha_times_delta_and_overlaps_add(sd):
     a = ShiraAdapter({"unet": {name: SparseDelta(shape, torch.tensor([0, 3, 7]), torch.tensor([1.0, 2.0, 3.0]))}})
     b = ShiraAdapter({"unet": {name: SparseDelta(shape, torch.tensor([3, 9]), torch.tensor([10.0, 20.0]))}})
     sd.load_shira_weights(a, alpha=0.5, adapter_name="a")
-    sd.load_shira_weights(b, alpha=2.0, adapter_name="b")
+    sd.load_shira_weights(b, alpha=2.0, adapter_name="b")  # the new adapter is the active one, as in diffusers
+    expected = w0.clone().view(-1)
+    expected[[3, 9]] += torch.tensor([20.0, 40.0])
+    assert torch.equal(weight.detach().view(-1), expected) and sd.get_active_shira_adapters() == ["b"]
+    sd.set_shira_adapters(["a", "b"], [0.5, 2.0])
     expected = w0.clone().view(-1)
     expected[[0, 3, 7, 9]] += torch.tensor([0.5, 1.0 + 20.0, 1.5, 40.0])
     assert torch.equal(weight.detach().view(-1), expected)
-    sd.set_shira_adapters(["b"], weights=[1.0])
+    sd.set_shira_adapters(["b"], adapter_weights=[1.0])
     expected = w0.clone().view(-1)
     expected[[3, 9]] += torch.tensor([10.0, 20.0])
     assert torch.equal(weight.detach().view(-1), expected)
@@ -98,11 +102,11 @@ def test_thousand_random_operations_then_unload_is_bit_exact(dtype):
             pipe.load_shira_weights(pool[rng.randrange(len(pool))], alpha=rng.uniform(-2, 2), adapter_name=rng.choice(loaded), hotswap=True)
         elif operation == "fuse":
             names = rng.sample(loaded, rng.randint(0, len(loaded)))
-            pipe.set_shira_adapters(names, weights=[rng.uniform(-1.5, 1.5) if rng.random() < 0.7 else  # or per component / block
+            pipe.set_shira_adapters(names, adapter_weights=[rng.uniform(-1.5, 1.5) if rng.random() < 0.7 else  # or per component / block
                                                     {"unet": {"mid": rng.uniform(-1, 1), "up": rng.uniform(-1, 1)}, "text_encoder": rng.uniform(-1, 1)}
                                                     for _ in names])
         elif operation == "alpha":
-            pipe.set_shira_adapters(pipe.get_active_shira_adapters() or loaded[:1], weights=rng.uniform(0, 2))
+            pipe.set_shira_adapters(pipe.get_active_shira_adapters() or loaded[:1], adapter_weights=rng.uniform(0, 2))
         elif operation == "disable":
             pipe.disable_shira()
         else:
@@ -116,11 +120,11 @@ def test_set_adapters_getters_and_disable(sd):
     before = snapshot(sd)
     sd.load_shira_weights(random_adapter(sd, 1), alpha=0.7, adapter_name="a")
     sd.load_shira_weights(random_adapter(sd, 2, components=("unet",)), adapter_name="b")
-    assert sd.get_active_shira_adapters() == ["a", "b"]
+    assert sd.get_active_shira_adapters() == ["b"]
     info = sd.get_shira_adapters()
-    assert info["a"]["alpha"] == 0.7 and info["a"]["components"] == ["text_encoder", "unet"]
+    assert info["a"]["alpha"] == 0.7 and info["a"]["components"] == ["text_encoder", "unet"] and not info["a"]["active"]
     assert info["b"]["components"] == ["unet"] and info["b"]["parameters"] > 0
-    sd.set_shira_adapters(["b", "a"], weights=[0.3, 0.6])
+    sd.set_shira_adapters(["b", "a"], adapter_weights=[0.3, 0.6])
     assert sd.get_active_shira_adapters() == ["b", "a"] and sd.get_shira_adapters()["a"]["alpha"] == 0.6
     fused = snapshot(sd)
     sd.disable_shira()
@@ -133,7 +137,7 @@ def test_set_adapters_getters_and_disable(sd):
     with pytest.raises(ShiraLoadError, match="unknown adapter 'nope'"):
         sd.set_shira_adapters(["nope"])
     with pytest.raises(ShiraLoadError, match="2 adapter names but 1 weights"):
-        sd.set_shira_adapters(["a", "b"], weights=[1.0])
+        sd.set_shira_adapters(["a", "b"], adapter_weights=[1.0])
 
 
 def test_per_component_weights_as_in_diffusers_set_adapters(sd):
@@ -154,7 +158,7 @@ def test_per_component_weights_as_in_diffusers_set_adapters(sd):
     def live(component, key):
         return getattr(sd, component).get_parameter(key).detach().view(-1)
 
-    sd.set_shira_adapters(["a", "b"], weights=[{"unet": 0.5, "text_encoder": 0.25}, 2.0])
+    sd.set_shira_adapters(["a", "b"], adapter_weights=[{"unet": 0.5, "text_encoder": 0.25}, 2.0])
     assert torch.equal(live("unet", unet_key), expected("unet", unet_key, [(a, 0.5), (b, 2.0)]))
     assert torch.equal(live("text_encoder", text_key), expected("text_encoder", text_key, [(a, 0.25)]))
     assert sd.get_shira_adapters()["a"]["alpha"] == {"unet": 0.5, "text_encoder": 0.25}
@@ -166,11 +170,11 @@ def test_per_component_weights_as_in_diffusers_set_adapters(sd):
                              ({"unet": float("nan")}, r"adapter a\['unet'\]: weight must be a finite number, got nan"),
                              ("0.5", "adapter a: weight must be a finite number, got '0.5'")):
         with pytest.raises(ShiraLoadError, match=message):
-            sd.set_shira_adapters(["a"], weights=weights)
+            sd.set_shira_adapters(["a"], adapter_weights=weights)
         assert_unchanged(sd, fused)
     with pytest.warns(UserWarning, match="adapter 'b' does not touch 'text_encoder'"):
-        sd.set_shira_adapters(["b"], weights={"text_encoder": 0.3})
-    sd.set_shira_adapters(["a"], weights={"unet": 0.5, "text_encoder": 0.25})
+        sd.set_shira_adapters(["b"], adapter_weights={"text_encoder": 0.3})
+    sd.set_shira_adapters(["a"], adapter_weights={"unet": 0.5, "text_encoder": 0.25})
     fused = snapshot(sd)
     sd.unload_shira_weights()
     sd.load_shira_weights(a, alpha={"unet": 0.5, "text_encoder": 0.25}, adapter_name="a")  # the same forms at load time
@@ -309,7 +313,7 @@ def test_sdxl_adapter_over_three_components_fuses_and_unloads_exactly():
     assert everywhere.components == ["text_encoder", "text_encoder_2", "unet"]
     pipe.load_shira_weights(everywhere, adapter_name="a")
     pipe.load_shira_weights(random_adapter(pipe, 1, ("unet", "text_encoder_2")), adapter_name="b")
-    pipe.set_shira_adapters(["a", "b"], weights=[0.6, 0.4])
+    pipe.set_shira_adapters(["a", "b"], adapter_weights=[0.6, 0.4])
     for component in ("unet", "text_encoder", "text_encoder_2"):
         name = next(n for n in everywhere.deltas[component])
         assert not torch.equal(getattr(pipe, component).get_parameter(name), before[f"{component}.{name}"])
@@ -366,7 +370,7 @@ def test_pipelines_sharing_modules_share_one_engine(sd):
     img2img = add_shira_support(StableDiffusionImg2ImgPipeline.from_pipe(sd))
     assert img2img.get_shira_adapters().keys() == {"a"}
     img2img.load_shira_weights(random_adapter(sd, 2), adapter_name="b")
-    assert sd.get_active_shira_adapters() == ["a", "b"]
+    assert sd.get_active_shira_adapters() == ["b"] and sd.get_shira_adapters().keys() == {"a", "b"}
     sd.unload_shira_weights()
     assert img2img.get_shira_adapters() == {}
     assert_unchanged(img2img, before)
@@ -496,12 +500,12 @@ def test_writes_into_projections_the_model_no_longer_reads_are_refused(sd):
     try:
         for action in (lambda: sd.set_shira_adapters("a", 0.5), sd.disable_shira, sd.unload_shira_weights,
                        lambda: sd.load_shira_weights(random_adapter(sd, 2, components=("unet",), suffixes=("to_v.weight",)), adapter_name="b"),
-                       lambda: sd.load_shira_weights(random_adapter(sd, 2, components=("unet",)), adapter_name="a", hotswap=True)):
+                       lambda: sd.load_shira_weights(random_adapter(sd, 2, components=("unet",)), adapter_name="a", hotswap=True),
+                       # weights not under the fused projections, but loading it would deactivate "a": refused too
+                       lambda: sd.load_shira_weights(random_adapter(sd, 3, components=("unet",), suffixes=("ff.net.2.weight",)), adapter_name="ff")):
             with pytest.raises(ShiraLoadError, match=r"\.to_[qkv]\.weight: the model reads the fused unet\.\S+\.to_q?kv instead .*unfuse_qkv_projections\(\)"):
                 action()
         assert list(sd.get_shira_adapters()) == ["a"]
-        sd.load_shira_weights(random_adapter(sd, 3, components=("unet",), suffixes=("ff.net.2.weight",)), adapter_name="ff")  # not fused: fine
-        sd.unload_shira_weights("ff")
     finally:
         sd.unfuse_qkv_projections(vae=False)
     assert_unchanged(sd, written, new_layers=True)
@@ -562,6 +566,8 @@ def test_tied_weights_are_one_target_whatever_name_an_adapter_uses():
     by_alias = ShiraAdapter({"text_encoder_2": {"encoder.embed_tokens.weight": SparseDelta(shape, positions, torch.full((4,), 10.0))}})
     pipe.load_shira_weights(by_first, adapter_name="a")
     pipe.load_shira_weights(by_alias, adapter_name="b")
+    assert torch.equal(t5.shared.weight.detach().view(-1)[:4], original + 10)
+    pipe.set_shira_adapters(["a", "b"])
     assert torch.equal(t5.shared.weight.detach().view(-1)[:4], original + 11)
     pipe.set_shira_adapters(["a", "b"], [0.0, 0.0])
     assert torch.equal(t5.shared.weight.detach().view(-1)[:4], original)

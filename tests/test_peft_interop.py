@@ -70,7 +70,7 @@ def test_two_peft_adapters_fused_match_peft_multi_adapter(pipe, tmp_path):
     base_output = pipe.unet(*unet_inputs(pipe.unet)).sample
     pipe.load_shira_weights(first, adapter_name="a")
     pipe.load_shira_weights(second / "adapter_model.safetensors", adapter_name="b")  # the weights file works too
-    pipe.set_shira_adapters(["a", "b"], weights=[0.7, 0.3])
+    pipe.set_shira_adapters(["a", "b"], adapter_weights=[0.7, 0.3])
     inputs = unet_inputs(pipe.unet)
     ours = pipe.unet(*inputs).sample
     assert (ours - peft_model(*inputs).sample).abs().max() <= 1e-5
