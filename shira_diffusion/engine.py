@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import numbers
 import threading
 import warnings
@@ -57,9 +56,9 @@ _LARGEST = float(torch.finfo(torch.float32).max)  # writes accumulate in fp32: a
 
 
 def _finite(what: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:  # value != value: NaN
         raise ShiraLoadError(f"adapter {what}: weight must be a finite number, got {value!r}")
-    if abs(value) > _LARGEST:
+    if not abs(value) <= _LARGEST:  # exact for ints of any size (math.isfinite overflows on 10**400); inf too
         raise ShiraLoadError(f"adapter {what}: weight must be a finite number, got {value!r}, beyond float32's range "
                              f"(|x| <= {_LARGEST:.4g}) in which writes accumulate")
     return float(value)

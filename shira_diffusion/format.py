@@ -16,6 +16,10 @@ transformer_blocks.0.attn1.to_q.weight`) is stored as:
 The header carries JSON metadata under `shira_metadata`: format version, per-tensor shape, mask type,
 density, default alpha, base model id, free-form extras.
 
+Files are untrusted input: a load reads the file once (header and tensors from the same bytes), bounds the
+JSON nesting (MAX_JSON_DEPTH), shapes (MAX_DIMS, MAX_ENTRIES) and the default strength (float32's range),
+and reports every problem as ShiraFormatError naming the file and key. Saves are atomic and durable.
+
 Usage:
     adapter = ShiraAdapter.load("style.safetensors"); print(adapter.summary())
 """
@@ -24,18 +28,22 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
+from .durable import remove_stale_temp_files, save_error, write_atomically
 from .kernels import NONFINITE, OUT_OF_RANGE, ZERO_GAP, decode
 
 FORMAT_VERSION = 1
@@ -48,10 +56,143 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _GAP_BITS = 16
 _GAP_MASK = (1 << _GAP_BITS) - 1
 _SUFFIXES = ("deltas", "gaps", "gaps_hi_index", "gaps_hi")
+# Bounds on what a file may claim, checked before anything is allocated or decoded from it.
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on its JSON header
+MAX_JSON_DEPTH = 64  # the metadata is 3 levels deep; user extras get plenty of room, a "[[[[..." bomb none
+MAX_DIMS = 16  # no diffusion weight has more than 5
+MAX_ENTRIES = 2**48  # per weight; keeps every position and running gap sum far inside int64
+MAX_ALPHA = float(torch.finfo(torch.float32).max)  # writes accumulate in fp32
 
 
 class ShiraFormatError(ValueError):
     """An adapter file or object is malformed. The message names the file/key and what was expected."""
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    """repr(value), cut to `limit` characters: a file's bad field can be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _checked_shape(where: str, shape: Any) -> tuple[int, ...]:
+    """`shape` as a tuple of ints after the bounds checks: at most MAX_DIMS dimensions, each >= 1, and at most
+    MAX_ENTRIES entries in all (so that positions and their decoding stay inside int64)."""
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in shape):
+        raise ShiraFormatError(f"{where}: expected a list of positive integers, found {_short(shape)}")
+    if len(shape) > MAX_DIMS:
+        raise ShiraFormatError(f"{where}: expected at most {MAX_DIMS} dimensions, found {len(shape)}")
+    if any(s < 1 for s in shape):
+        raise ShiraFormatError(f"{where}: dimensions must be >= 1, found {_short(shape)}")
+    if any(s > MAX_ENTRIES for s in shape) or math.prod(shape) > MAX_ENTRIES:  # the first test keeps the product small
+        raise ShiraFormatError(f"{where}: {_short(shape)} has more than {MAX_ENTRIES} (2**48) entries; no weight is that large")
+    return tuple(int(s) for s in shape)
+
+
+def _checked_alpha(where: str, value: Any) -> float:
+    """A default strength: a real number (not a bool), finite and within float32's range, as writes are fp32."""
+    # `not abs(x) <= max` also refuses NaN and inf, and compares huge ints exactly (float(10**400) would overflow)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not abs(value) <= MAX_ALPHA:
+        raise ShiraFormatError(
+            f"{where} must be a finite number, found {_short(value)} (expected |x| <= {MAX_ALPHA:.6g}, "
+            "float32's largest value: writes accumulate in fp32)"
+        )
+    return float(value)
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_OPENERS, _CLOSERS = np.frombuffer(b"[{", dtype=np.uint8), np.frombuffer(b"]}", dtype=np.uint8)
+
+
+def _json_depth(text: str) -> int:
+    """How deeply `text`'s arrays/objects nest, without parsing it: brackets outside strings, counted in chunks."""
+    codes = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8", "replace"), dtype=np.uint8)
+    depth = deepest = 0
+    for start in range(0, codes.size, 1 << 20):  # chunks: bounded memory for a 100 MB header
+        chunk = codes[start:start + (1 << 20)]
+        steps = np.isin(chunk, _OPENERS).astype(np.int64) - np.isin(chunk, _CLOSERS)
+        levels = depth + np.cumsum(steps)
+        deepest, depth = max(deepest, int(levels.max())), int(levels[-1])
+    return deepest
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):  # a repeated key: two readers of the file could each pick another value
+        seen: set[str] = set()
+        repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"key {repeated!r} appears more than once in one object")
+    return result
+
+
+def _parse_json(text: str, where: str) -> Any:
+    """json.loads with the nesting bounded (deep nesting exhausts the parser's recursion) and repeated keys refused."""
+    # fewer brackets than the limit cannot nest deeper than it: the usual case skips the count
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and (depth := _json_depth(text)) > MAX_JSON_DEPTH:
+        raise ShiraFormatError(f"{where}: JSON nested {depth} levels deep (at most {MAX_JSON_DEPTH} allowed)")
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except RecursionError:  # a second line of defence: the count above should have caught it
+        raise ShiraFormatError(f"{where}: JSON nested too deeply") from None
+    except ValueError as error:  # JSONDecodeError, repeated keys, integers of more than 4300 digits
+        raise ShiraFormatError(f"{where}: not valid JSON: {error}") from None
+
+
+def _header_metadata(data: bytes, source: str) -> dict[str, str]:
+    """The `__metadata__` table of a safetensors file's header, read from the file's bytes (8-byte little-endian
+    header length, then that many bytes of JSON), with every length checked against the bytes there are."""
+    unreadable = f"{source}: not a readable safetensors file (corrupt or truncated?)"
+    if len(data) < 8:
+        raise ShiraFormatError(f"{unreadable}: {len(data)} bytes, shorter than the 8-byte header length")
+    size = int.from_bytes(data[:8], "little")
+    if size > min(len(data) - 8, MAX_HEADER_BYTES):
+        raise ShiraFormatError(f"{unreadable}: header of {size} bytes claimed, {len(data) - 8} bytes follow "
+                               f"(at most {MAX_HEADER_BYTES} allowed)")
+    try:
+        text = data[8:8 + size].decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ShiraFormatError(f"{unreadable}: header is not UTF-8: {error}") from None
+    header = _parse_json(text, f"{unreadable}: header")
+    if not isinstance(header, dict):
+        raise ShiraFormatError(f"{unreadable}: header is a JSON {type(header).__name__}, expected an object")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ShiraFormatError(f"{unreadable}: header '__metadata__' must map strings to strings, found {_short(metadata)}")
+    return metadata
+
+
+def _decode_tensors(data: bytes, source: str) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file's bytes (one parse of the whole file: much faster than a get_tensor per key)."""
+    try:
+        return load_safetensors(data)
+    # SafetensorError from the parser; the others from safetensors' Python side on entries the parser let through
+    except (SafetensorError, ValueError, KeyError, TypeError, RuntimeError, OverflowError, AssertionError) as error:
+        raise ShiraFormatError(f"{source}: not a readable safetensors file (corrupt or truncated?): {error}") from None
+
+
+def checked_weight_name(weight_name: str) -> str:
+    """`weight_name` if it is a plain file name ending in .safetensors, else ShiraFormatError: a name with a
+    folder part ('../x.safetensors', '/etc/x.safetensors', 'a\\\\b.safetensors', 'C:x.safetensors') would write
+    outside the save folder.
+
+    Usage: path = directory / checked_weight_name(weight_name)
+    """
+    if not isinstance(weight_name, str):
+        raise ShiraFormatError(f"weight_name must be a string, found {type(weight_name).__name__}")
+    problem = None
+    if not weight_name.strip():
+        problem = "it is empty"
+    elif any(c in weight_name for c in "/\\"):
+        problem = "it contains a path separator"
+    elif ":" in weight_name or "\0" in weight_name:
+        problem = "it contains ':' or a NUL character (a drive or stream name on Windows)"
+    elif weight_name in (".", ".."):
+        problem = "it names a folder"
+    elif not weight_name.endswith(".safetensors") or weight_name == ".safetensors":
+        problem = "it does not end in .safetensors"
+    if problem:
+        raise ShiraFormatError(f"weight_name {weight_name!r}: expected a plain file name ending in .safetensors "
+                               f"(e.g. {SHIRA_WEIGHT_NAME!r}), but {problem}")
+    return weight_name
 
 
 @dataclass
@@ -80,7 +221,11 @@ class SparseDelta:
         return self.numel / max(1, math.prod(self.shape))
 
     def check_structure(self, key: str) -> None:
-        """The cheap checks: integer positions, float deltas, both 1-D and of equal length."""
+        """The cheap checks: a bounded shape, integer positions, float deltas, both 1-D and of equal length."""
+        _checked_shape(f"{key}: shape", self.shape)
+        if not isinstance(self.positions, torch.Tensor) or not isinstance(self.deltas, torch.Tensor):
+            raise ShiraFormatError(f"{key}: positions and deltas must be tensors, found "
+                                   f"{type(self.positions).__name__} and {type(self.deltas).__name__}")
         if self.positions.dtype.is_floating_point or self.positions.dtype == torch.bool or self.positions.is_complex():
             raise ShiraFormatError(f"{key}: positions must be integers, found {self.positions.dtype}")
         if self.deltas.dtype not in FLOAT_DTYPES:
@@ -141,14 +286,13 @@ def _checked_fields(metadata: Mapping[str, Any], source: str) -> dict[str, Any]:
     fields = {"mask_type": metadata.get("mask_type"), "base_model": metadata.get("base_model")}
     for name, value in fields.items():
         if value is not None and not isinstance(value, str):
-            raise ShiraFormatError(f"{source}: metadata {name!r} must be a string or null, found {value!r}")
-    alpha = metadata.get("default_alpha", 1.0)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ShiraFormatError(f"{source}: metadata 'default_alpha' must be a finite number, found {alpha!r}")
-    extra = metadata.get("extra") or {}
-    if not isinstance(extra, Mapping):
-        raise ShiraFormatError(f"{source}: metadata 'extra' must be a JSON object, found {extra!r}")
-    return {**fields, "default_alpha": float(alpha), "extra": dict(extra)}
+            raise ShiraFormatError(f"{source}: metadata {name!r} must be a string or null, found {_short(value)}")
+    alpha = _checked_alpha(f"{source}: metadata 'default_alpha'", metadata.get("default_alpha", 1.0))
+    extra = metadata.get("extra")
+    extra = {} if extra is None else extra
+    if not isinstance(extra, Mapping) or not all(isinstance(key, str) for key in extra):
+        raise ShiraFormatError(f"{source}: metadata 'extra' must be a JSON object, found {_short(extra)} (expected string keys)")
+    return {**fields, "default_alpha": alpha, "extra": dict(extra)}
 
 
 def encode_positions(positions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -163,22 +307,23 @@ def encode_positions(positions: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def _checked_gaps(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`<key>.gaps` and its high bits after the checks the decoder relies on (dtypes, shapes, index order)."""
+def _checked_gaps(tensors: Mapping[str, torch.Tensor], key: str, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`<key>.gaps` and its high bits after the checks the decoder relies on (dtypes, shapes, index order);
+    errors name `where` (the file and key)."""
     gaps, gaps_hi_index, gaps_hi = tensors[f"{key}.gaps"], tensors[f"{key}.gaps_hi_index"], tensors[f"{key}.gaps_hi"]
     if gaps.dtype != torch.uint16 or gaps.dim() != 1:
-        raise ShiraFormatError(f"{key}.gaps: expected uint16, found {gaps.dtype} of shape {tuple(gaps.shape)}")
+        raise ShiraFormatError(f"{where}.gaps: expected uint16, found {gaps.dtype} of shape {tuple(gaps.shape)}")
     for name, tensor in (("gaps_hi_index", gaps_hi_index), ("gaps_hi", gaps_hi)):
         if tensor.dtype != torch.int32 or tensor.dim() != 1:
-            raise ShiraFormatError(f"{key}.{name}: expected a 1-D int32 tensor, found {tensor.dtype} {tuple(tensor.shape)}")
+            raise ShiraFormatError(f"{where}.{name}: expected a 1-D int32 tensor, found {tensor.dtype} {tuple(tensor.shape)}")
     if gaps_hi_index.shape != gaps_hi.shape:
-        raise ShiraFormatError(f"{key}: gaps_hi_index and gaps_hi differ in length")
+        raise ShiraFormatError(f"{where}: gaps_hi_index and gaps_hi differ in length")
     index, high = gaps_hi_index.to(torch.int64), gaps_hi.to(torch.int64)
     if index.numel():
         if int(index[0]) < 0 or int(index[-1]) >= gaps.numel() or not bool(torch.all(index[1:] > index[:-1])):
-            raise ShiraFormatError(f"{key}.gaps_hi_index: expected increasing indices in 0..{gaps.numel() - 1}")
+            raise ShiraFormatError(f"{where}.gaps_hi_index: expected increasing indices in 0..{gaps.numel() - 1}")
         if int(high.min()) < 0:
-            raise ShiraFormatError(f"{key}.gaps_hi: negative high bits")
+            raise ShiraFormatError(f"{where}.gaps_hi: negative high bits")
     return gaps, index, high
 
 
@@ -196,6 +341,15 @@ class ShiraAdapter:
     default_alpha: float = 1.0
     base_model: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # The metadata fields are cheap to check, so a bad one fails where it is set, not at save or load time.
+        if self.extra is None:
+            self.extra = {}
+        self.default_alpha = _checked_fields(self._fields(), "adapter")["default_alpha"]
+
+    def _fields(self) -> dict[str, Any]:
+        return {"mask_type": self.mask_type, "default_alpha": self.default_alpha, "base_model": self.base_model, "extra": self.extra}
 
     # ---- introspection -------------------------------------------------------------------------
     @property
@@ -240,9 +394,26 @@ class ShiraAdapter:
         return self.summary()
 
     def validate(self) -> None:
-        """Check every tensor (positions sorted, unique, in range; finite float deltas)."""
-        if not self.deltas:
+        """Check the metadata fields (default_alpha finite and within float32's range, JSON-writable extras) and
+        every tensor (a bounded shape, positions sorted, unique, in range; finite float deltas).
+
+        Usage: adapter.validate()  # raises ShiraFormatError naming the field or tensor
+        """
+        _checked_fields(self._fields(), "adapter")
+        try:
+            extra = json.dumps({"extra": self.extra})  # as save() will write it
+        except (TypeError, ValueError, RecursionError) as error:
+            raise ShiraFormatError(f"adapter: 'extra' cannot be written as JSON: {error}") from None
+        if extra.count("[") + extra.count("{") > MAX_JSON_DEPTH and _json_depth(extra) > MAX_JSON_DEPTH:
+            raise ShiraFormatError(f"adapter: 'extra' nests more than {MAX_JSON_DEPTH} levels deep; it could not be loaded back")
+        if not isinstance(self.deltas, Mapping) or not self.deltas:
             raise ShiraFormatError("adapter has no tensors")
+        for component, tensors in self.deltas.items():
+            # "<component>.<name>" is split at the first dot when read back
+            if not isinstance(component, str) or not component or "." in component:
+                raise ShiraFormatError(f"adapter: component {component!r} must be a non-empty name without '.'")
+            if not isinstance(tensors, Mapping) or not all(isinstance(n, str) and n and isinstance(d, SparseDelta) for n, d in tensors.items()):
+                raise ShiraFormatError(f"adapter: component {component!r} must map parameter names to SparseDelta")
         for component, name, delta in self.items():
             delta.validate(f"{component}.{name}")
 
@@ -279,20 +450,24 @@ class ShiraAdapter:
         return tensors
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write one safetensors file atomically (temp file in the same folder, then rename)."""
+        """Write one safetensors file atomically and durably: a temp file in the same folder, flushed to disk,
+        renamed over `path`, then the folder flushed. Readers see the old file or the new one, never a mix.
+
+        Temp files that earlier saves to `path` left behind when killed are removed first. A failed write
+        (read-only folder, full disk) raises OSError naming `path` and leaves no temp file.
+        Usage: adapter.save("out/style.safetensors")
+        """
         self.validate()
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ShiraFormatError(f"{path}: SHiRA adapters are saved as .safetensors files")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        tensors, metadata = self.state_dict(), {"format": "pt", METADATA_KEY: json.dumps(self.metadata())}
         try:
-            save_file(self.state_dict(), tmp, metadata={"format": "pt", METADATA_KEY: json.dumps(self.metadata())})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(path)
+            write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        except (OSError, SafetensorError) as error:
+            raise save_error(path, error, "the SHiRA adapter") from None
         return path
 
     @classmethod
@@ -303,11 +478,15 @@ class ShiraAdapter:
         if not isinstance(metadata, Mapping):
             raise ShiraFormatError(f"{source}: metadata must be a JSON object, found {type(metadata).__name__}")
         version = metadata.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ShiraFormatError(f"{source}: unsupported SHiRA format version {version!r} (expected {FORMAT_VERSION})")
+        if isinstance(version, bool) or version != FORMAT_VERSION:  # (True == 1 in Python)
+            raise ShiraFormatError(f"{source}: unsupported SHiRA format version {_short(version)} (expected {FORMAT_VERSION})")
         shapes = metadata.get("shapes")
         if not isinstance(shapes, Mapping):
-            raise ShiraFormatError(f"{source}: metadata has no 'shapes' table")
+            raise ShiraFormatError(f"{source}: metadata has no 'shapes' table (expected an object, found {_short(shapes)})")
+        for keys, what in ((shapes, "metadata 'shapes' key"), (tensors, "tensor name")):
+            odd = next((key for key in keys if not isinstance(key, str)), None)
+            if odd is not None:
+                raise ShiraFormatError(f"{source}: {what} {_short(odd)} is not a string")
         expected = {f"{key}.{suffix}" for key in shapes for suffix in _SUFFIXES}
         unknown = sorted(set(tensors) - expected)
         if unknown:
@@ -325,13 +504,13 @@ class ShiraAdapter:
             missing = [f"{key}.{s}" for s in _SUFFIXES if f"{key}.{s}" not in tensors]
             if missing:
                 raise ShiraFormatError(f"{source}: missing tensor {missing[0]!r}")
-            if not key.partition(".")[2]:
+            component, _, name = key.partition(".")
+            if not component or not name:
                 raise ShiraFormatError(f"{source}: key {key!r} has no component prefix (expected e.g. 'unet.<param>')")
-            if not (isinstance(shape, list) and all(isinstance(s, int) and s > 0 for s in shape)):
-                raise ShiraFormatError(f"{source}: bad shape {shape!r} for {key!r}")
-            gaps, gaps_hi_index, gaps_hi = _checked_gaps(tensors, key)
-            SparseDelta(tuple(shape), gaps, tensors[f"{key}.deltas"]).check_structure(key)
-            checked.append((key, tuple(shape)))
+            shape = _checked_shape(f"{source}: shape of {key!r}", shape)
+            gaps, gaps_hi_index, gaps_hi = _checked_gaps(tensors, key, f"{source}: {key}")
+            SparseDelta(shape, gaps, tensors[f"{key}.deltas"]).check_structure(f"{source}: {key}")
+            checked.append((key, shape))
             jobs.append((gaps, gaps_hi_index, gaps_hi, tensors[f"{key}.deltas"], math.prod(shape)))
         # One pass per tensor decodes the positions and checks order, range and finiteness on the way.
         positions, problems = decode(jobs)
@@ -339,11 +518,11 @@ class ShiraAdapter:
         for (key, shape), job, decoded, (problem, index) in zip(checked, jobs, positions, problems):
             if problem == ZERO_GAP:
                 where = "negative position -1 (the first gap is 0)" if index == 0 else f"duplicate position {int(decoded[index - 1])}"
-                raise ShiraFormatError(f"{key}: {where}")
+                raise ShiraFormatError(f"{source}: {key}: {where}")
             if problem == OUT_OF_RANGE:
-                raise _out_of_range(key, index, shape)
+                raise _out_of_range(f"{source}: {key}", index, shape)
             if problem == NONFINITE:
-                raise _nonfinite(key, job[3], index)
+                raise _nonfinite(f"{source}: {key}", job[3], index)
             component, _, name = key.partition(".")
             deltas.setdefault(component, {})[name] = SparseDelta(shape, decoded, job[3])
         if not deltas:
@@ -352,7 +531,12 @@ class ShiraAdapter:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ShiraAdapter":
-        """Read a SHiRA safetensors file. Pickle files are refused; they are never unpickled."""
+        """Read a SHiRA safetensors file. Pickle files are refused; they are never unpickled.
+
+        The file is opened and read once; header and tensors both come from those bytes, so a file replaced
+        while it is read (another process saving) gives one version or the other, never a mix.
+        Usage: adapter = ShiraAdapter.load("style.safetensors")
+        """
         path = Path(path)
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise ShiraFormatError(
@@ -362,18 +546,26 @@ class ShiraAdapter:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such adapter file")
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-            tensors = load_safetensors(path.read_bytes())  # one read: much faster than a get_tensor per key
-        except (SafetensorError, OSError, ValueError) as error:
-            raise ShiraFormatError(f"{path}: not a readable safetensors file (corrupt or truncated?): {error}") from None
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:  # removed since the check above
+            raise FileNotFoundError(f"{path}: no such adapter file") from None
+        except OSError as error:
+            raise ShiraFormatError(f"{path}: not a readable safetensors file: {error}") from None
+        return cls.from_bytes(data, source=str(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "bytes") -> "ShiraAdapter":
+        """Parse the bytes of a SHiRA safetensors file (`source` names it in errors); validates everything.
+
+        Usage: adapter = ShiraAdapter.from_bytes(blob, source="upload.safetensors")
+        """
+        header = _header_metadata(data, source)
         if METADATA_KEY not in header:
-            raise ShiraFormatError(f"{path}: no '{METADATA_KEY}' in the safetensors header; not a SHiRA adapter file")
-        try:
-            metadata = json.loads(header[METADATA_KEY])
-        except json.JSONDecodeError as error:
-            raise ShiraFormatError(f"{path}: metadata is not valid JSON: {error}") from None
-        return cls.from_state_dict(tensors, metadata, source=str(path))
+            raise ShiraFormatError(f"{source}: no '{METADATA_KEY}' in the safetensors header; not a SHiRA adapter file")
+        tensors = _decode_tensors(data, source)
+        metadata = _parse_json(header[METADATA_KEY], f"{source}: metadata '{METADATA_KEY}'")
+        return cls.from_state_dict(tensors, metadata, source=source)
 
     def model_card(self, weight_name: str = SHIRA_WEIGHT_NAME) -> str:
         """A Hub model card (README.md) describing the adapter and how to load it."""
@@ -399,9 +591,13 @@ pipe.load_shira_weights("<this repo>", weight_name="{weight_name}", alpha={self.
 """
 
     def save_pretrained(self, directory: str | os.PathLike, weight_name: str = SHIRA_WEIGHT_NAME) -> Path:
-        """The adapter file plus a README.md model card in `directory`."""
+        """The adapter file plus a README.md model card in `directory`; `weight_name` must be a plain file name
+        (see `checked_weight_name`), so nothing is written outside `directory`.
+
+        Usage: adapter.save_pretrained("out/bluefire")
+        """
         directory = Path(directory)
-        self.save(directory / weight_name)
+        self.save(directory / checked_weight_name(weight_name))
         (directory / "README.md").write_text(self.model_card(weight_name))
         return directory
 
