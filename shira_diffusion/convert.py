@@ -160,6 +160,14 @@ def lora_to_shira(
 
 
 # ---- extraction from full fine-tunes ----------------------------------------------------------------
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A .safetensors state dict; a truncated, corrupt or unreadable file is a ShiraFormatError naming it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ShiraFormatError(f"{path}: not a readable safetensors file (truncated or corrupt?): {error}") from None
+
+
 _MODEL_FOLDERS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
@@ -171,17 +179,14 @@ def _state_dicts(source: str | Path | Mapping, component: str) -> dict[str, dict
     if source.is_file():
         if source.suffix.lower() in PICKLE_SUFFIXES:
             raise ShiraFormatError(f"{source}: refusing to load a pickle file; use .safetensors")
-        try:
-            return {component: load_file(str(source))}
-        except (SafetensorError, OSError) as error:
-            raise ShiraFormatError(f"{source}: not a readable safetensors file: {error}") from None
+        return {component: _load_safetensors(source)}
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: no such model folder or file")
     found = {}
     for name in _MODEL_FOLDERS:
         files = sorted((source / name).glob("*.safetensors"))
         if files:
-            found[name] = {k: v for f in files for k, v in load_file(str(f)).items()}
+            found[name] = {k: v for f in files for k, v in _load_safetensors(f).items()}
     if not found:
         raise ShiraFormatError(f"{source}: no model weights (*.safetensors in {', '.join(_MODEL_FOLDERS)})")
     return found

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .data import IMAGE_ERRORS, DatasetError, list_images, open_image, read_captions
+from .data import IMAGE_ERRORS, METADATA_NAME, DatasetError, irregular_entries, list_images, open_image, read_captions, read_metadata
 
 OPEN_LICENSES = {"cc0", "cc0-1.0", "public domain", "public-domain", "pd", "cc-pdm", "pdm"}
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
@@ -47,25 +47,23 @@ def check_dataset(folder: str | Path, resolution: int | None = None, require_lic
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such dataset folder")
     images = list_images(folder)
-    defects: list[Defect] = []
+    # never opened (a FIFO would block the check forever); the trainer skips them too
+    defects = [Defect(path.name, f"{kind}, not a regular file (skipped)") for path, kind in irregular_entries(folder)]
     if not images:
-        return [Defect(str(folder), "no images")], {"images": 0}
+        return defects + [Defect(str(folder), "no images")], {"images": 0}
     try:
         captions = read_captions(folder, images)
+        licenses = {row["file_name"]: row.get("license") for _, row in read_metadata(folder)}
     except DatasetError as error:
-        return [Defect(str(folder / "metadata.jsonl"), str(error))], {"images": len(images)}
-    licenses = {}
-    metadata = folder / "metadata.jsonl"
-    if metadata.is_file():
-        for line in metadata.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                licenses[row.get("file_name")] = row.get("license")
+        return defects + [Defect(str(folder / METADATA_NAME), str(error))], {"images": len(images)}
     sizes, seen_hashes = [], {}
     for image in images:
         try:  # decoded as the trainer does: EXIF-rotated (upright size), 16-bit scaled to 8
             width, height = open_image(image).size
             sizes.append((width, height))
+        except Image.DecompressionBombError as error:  # refused from its header, not decoded
+            defects.append(Defect(image.name, f"too large to decode ({error})"))
+            continue
         except IMAGE_ERRORS as error:
             defects.append(Defect(image.name, f"unreadable image ({type(error).__name__})"))
             continue

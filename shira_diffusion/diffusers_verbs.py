@@ -26,6 +26,16 @@ from .engine import ShiraLoadError
 _SCALE_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 
 
+def lora_only(pipe: Any, verb: str) -> Callable[..., Any]:
+    """diffusers' own `verb` on `pipe`, acting on LoRA adapters only (what code that manages both kinds itself
+    needs, e.g. to remove its LoRA layers and keep the user's SHiRA adapters).
+    Usage: lora_only(pipe, "unload_lora_weights")()"""
+    method = getattr(super(DiffusersVerbsMixin, pipe), verb, None) if isinstance(pipe, DiffusersVerbsMixin) else getattr(pipe, verb, None)
+    if method is None:
+        raise AttributeError(f"{type(pipe).__name__} has no LoRA verb {verb!r}")
+    return method
+
+
 def _names(adapter_names: str | Sequence[str]) -> list[str]:
     return [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
 

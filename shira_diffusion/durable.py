@@ -112,3 +112,15 @@ def save_error(path: Path, error: Exception, what: str = "the file") -> OSError:
         reason = f"{os.strerror(code)} ({error})"
     message = f"{path}: could not save {what}: {reason}"
     return OSError(code, message) if code else OSError(message)  # OSError(errno, ...) picks the subclass
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, and the folders themselves, to disk (before a rename publishes them)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            descriptor = os.open(os.path.join(root, name), os.O_RDWR)  # writable: Windows syncs only those
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        fsync_directory(Path(root))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import resource
 import shutil
 import time
@@ -24,8 +23,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 
-from .data import StyleDataset, collate, read_image_folder
+from .data import StyleDataset, check_resolution, collate, list_images, read_image_folder
+from .checkpoints import CHECKPOINT_NAME, find_checkpoint, remove_stale_temps, save_checkpoint
+from .durable import write_atomically
 from .format import SHIRA_WEIGHT_NAME, ShiraAdapter
 from .masks import MASK_TYPES, build_masks
 from .trainables import TEXT_ENCODER_TARGETS, UNET_TARGETS, ConfigError, LoraTrainable, ShiraTrainable, find_targets
@@ -35,7 +37,7 @@ MASK_FILE = "masks.safetensors"
 SECRET_FIELDS = ("hub_token",)  # never logged: not in tracker configs, hparams files or the model card
 PATH_FIELDS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "train_data_dir", "output_dir",
                "class_data_dir", "logging_dir", "resume_from_checkpoint")
-CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+OUTPUT_FILES = ("README.md", "samples.png", MASK_FILE, LORA_WEIGHT_NAME)  # written with durable.write_atomically
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
 
 
@@ -149,8 +151,7 @@ class TrainingResult:
 # ---- the run --------------------------------------------------------------------------------------------
 def validate_config(config: TrainingConfig) -> None:
     """Every check that can fail before loading a model; raises ConfigError / FileNotFoundError."""
-    if config.resolution <= 0 or config.resolution % 8:
-        raise ConfigError(f"--resolution must be a positive multiple of 8, got {config.resolution}")
+    check_resolution(config.resolution)
     if config.adapter not in ("shira", "lora"):
         raise ConfigError(f"--adapter must be shira or lora, got {config.adapter!r}")
     if config.mask not in MASK_TYPES:
@@ -177,6 +178,7 @@ def validate_config(config: TrainingConfig) -> None:
         value = getattr(config, name)
         if value is not None and not value >= 0:
             raise ConfigError(f"--{name} must be >= 0, got {value}")
+    _check_finite(config)
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(config, name) < 1:
             raise ConfigError(f"--{name} must be in [0, 1), got {getattr(config, name)}")
@@ -221,7 +223,16 @@ def validate_config(config: TrainingConfig) -> None:
     if config.pretrained_vae_model_name_or_path:
         _check_model(config.pretrained_vae_model_name_or_path, "config.json", config.revision, "--pretrained_vae_model_name_or_path")
     if config.resume_from_checkpoint and config.resume_from_checkpoint != "latest":
-        _find_checkpoint(output_dir, config.resume_from_checkpoint)
+        find_checkpoint(output_dir, config.resume_from_checkpoint)
+
+
+def _check_finite(config: TrainingConfig) -> None:
+    """Rates, decays and loss weights are finite: inf passes the range checks and trains NaNs."""
+    for name in ("learning_rate", "text_encoder_lr", "lr_power", "snr_gamma", "adam_epsilon", "adam_weight_decay",
+                 "adam_weight_decay_text_encoder", "noise_offset", "prior_loss_weight"):
+        value = getattr(config, name)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"--{name} must be a finite number, got {value}")
 
 
 def _check_model(model: str, config_name: str, revision: str | None, flag: str) -> dict:
@@ -337,7 +348,7 @@ def _generate_class_images(config: TrainingConfig, model_path: str, device: torc
 
     folder = Path(config.class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    existing = [p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp")]
+    existing = list_images(folder)  # regular files only: a FIFO named like an image is no class image
     missing = config.num_class_images - len(existing)
     if missing <= 0:
         return
@@ -529,6 +540,8 @@ def train(config: TrainingConfig) -> TrainingResult:
     # 4. Masks (computed once and stored with the run, so a resumed run trains exactly the same positions)
     # and trainables.
     output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        remove_stale_temps(output_dir, OUTPUT_FILES)
     if config.adapter == "shira":
         masks = _load_or_build_masks(config, targets, output_dir, dataloader, diffusion_loss, accelerator)
         trainables = {c: ShiraTrainable(components[c], masks.pop(c), config.impl) for c in targets}  # pop: the
@@ -603,7 +616,7 @@ def train(config: TrainingConfig) -> TrainingResult:
     accelerator.register_load_state_pre_hook(load_hook)
 
     global_step, first_epoch, skip_batches = 0, 0, 0
-    checkpoint = _find_checkpoint(output_dir, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
+    checkpoint = find_checkpoint(output_dir, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         global_step = int(CHECKPOINT_NAME.fullmatch(checkpoint.name).group(1))
@@ -659,9 +672,7 @@ def train(config: TrainingConfig) -> TrainingResult:
             accelerator.log({"loss": losses[-1], "lr": lr}, step=global_step)
             train_seconds, steps_timed = train_seconds + time.perf_counter() - tick, steps_timed + 1
             if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-                if accelerator.is_main_process:
-                    _prune_checkpoints(output_dir, config.checkpoints_total_limit)
-                accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+                save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit, OUTPUT_FILES)
             if config.validation_prompt and config.validation_steps and global_step % config.validation_steps == 0 and global_step < max_steps:
                 _validate(config, accelerator, model_path, unet, text_encoders, vae, global_step)
             tick = time.perf_counter()
@@ -687,13 +698,16 @@ def train(config: TrainingConfig) -> TrainingResult:
 
 def _load_or_build_masks(config, targets, output_dir, dataloader, diffusion_loss, accelerator) -> dict[str, dict[str, torch.Tensor]]:
     """{component: {module name: positions}}; reused from output_dir/masks.safetensors when resuming."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     mask_file = output_dir / MASK_FILE
     settings = {"mask": config.mask, "density": str(config.density), "shira_r": str(config.shira_r), "seed": str(config.seed)}
     if config.resume_from_checkpoint and mask_file.is_file():
-        with safe_open(str(mask_file), "pt") as handle:
+        try:
+            handle = safe_open(str(mask_file), "pt")
+        except (SafetensorError, OSError) as error:  # e.g. cut short by an older version killed while writing it
+            raise ConfigError(f"{mask_file}: unreadable mask file ({error}); delete it and the checkpoint-N folders to start over") from None
+        with handle:
             stored = handle.metadata() or {}
             different = [k for k, v in settings.items() if stored.get(k, v) != v]
             if different:
@@ -710,7 +724,8 @@ def _load_or_build_masks(config, targets, output_dir, dataloader, diffusion_loss
         masks[c] = build_masks(weights, config.mask, density=config.density, r=config.shira_r, seed=config.seed, gradients=gradients.get(c))
         gradients.pop(c, None)  # free this component's |grad| sums before the next one's masks
     if accelerator.is_main_process:
-        save_file({f"{c}::{n}": p.contiguous() for c in masks for n, p in masks[c].items()}, str(mask_file), metadata=settings)
+        tensors = {f"{c}::{n}": p.contiguous() for c in masks for n, p in masks[c].items()}
+        write_atomically(mask_file, lambda temp: save_file(tensors, temp, metadata=settings))
     return masks
 
 
@@ -747,35 +762,6 @@ def _calibration_gradients(config, targets, dataloader, diffusion_loss, accelera
     return sums
 
 
-def _find_checkpoint(output_dir: Path, which: str) -> Path | None:
-    """`which` as a folder (or a name inside output_dir); 'latest' -> the highest checkpoint-N or None."""
-    if which != "latest":
-        path = Path(which)
-        path = path if path.is_dir() else output_dir / which
-        if not path.is_dir() or not CHECKPOINT_NAME.fullmatch(path.name):
-            raise FileNotFoundError(f"{which}: no such checkpoint folder (expected output_dir/checkpoint-N or 'latest')")
-        return path
-    found = _numbered_checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-def _numbered_checkpoints(output_dir: Path) -> list[Path]:
-    """output_dir's checkpoint-N folders by N; other names (a user's checkpoint-best) are not the run's."""
-    if not output_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_NAME.fullmatch(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def _prune_checkpoints(output_dir: Path, limit: int | None) -> None:
-    """Keep at most limit - 1 checkpoints, making room for the one about to be written."""
-    if not limit:
-        return
-    found = _numbered_checkpoints(output_dir)
-    for old in found[: max(0, len(found) - limit + 1)]:
-        shutil.rmtree(old)
-
-
 @torch.no_grad()
 def _validate(config, accelerator, model_path, unet, text_encoders, vae, step) -> list:
     """Images for --validation_prompt from the live model: PNGs in output_dir/validation and TensorBoard."""
@@ -802,7 +788,7 @@ def _validate(config, accelerator, model_path, unet, text_encoders, vae, step) -
     folder = Path(config.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):
-        image.save(folder / f"step-{step:06d}-{index}.png")
+        write_atomically(folder / f"step-{step:06d}-{index}.png", lambda temp, image=image: image.save(temp, format="PNG"))
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np
@@ -837,7 +823,13 @@ def _save_adapter(config, accelerator, trainables, is_sdxl, step) -> Path:
         # written with convert_state_dict_to_diffusers lose their attention layers in diffusers 0.42).
         layers = {f"{c}_lora_layers": t.export() for c, t in trainables.items()}
         metadata = {f"{c}_lora_adapter_metadata": t.config_dict() for c, t in trainables.items()}
-        (StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline).save_lora_weights(output_dir, **layers, **metadata)
+        staging = output_dir / ".lora.tmp"  # diffusers writes in place: write into a folder beside, then move it over
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            (StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline).save_lora_weights(staging, **layers, **metadata)
+            write_atomically(path, lambda temp: os.replace(staging / LORA_WEIGHT_NAME, temp))  # synced, then renamed
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     _write_model_card(config, output_dir, path, step, sum(t.num_parameters for t in trainables.values()))
     return path
 
@@ -882,7 +874,7 @@ def _write_model_card(config: TrainingConfig, output_dir: Path, adapter_path: Pa
         for tile in tiles:
             grid.paste(tile, (x, 0))
             x += tile.width
-        grid.save(output_dir / "samples.png")
+        write_atomically(output_dir / "samples.png", lambda temp: grid.save(temp, format="PNG"))
         grid_line = f"\n![samples](samples.png)\n\nPrompt: `{config.validation_prompt}`\n"
     if config.adapter == "shira":
         budget = f"r={config.shira_r} budget" if config.shira_r else f"density {config.density}"
@@ -910,7 +902,7 @@ tags: [shira-diffusion, text-to-image, diffusers, {config.adapter}]
 {usage}
 ```
 """
-    (output_dir / "README.md").write_text(card)
+    write_atomically(output_dir / "README.md", lambda temp: Path(temp).write_text(card))
 
 
 def config_from_dict(values: dict) -> TrainingConfig:

@@ -83,7 +83,7 @@ def test_pipeline_is_left_as_found_after_success_and_after_a_failure(files, pipe
     run_evaluation(pipe, adapters, PROMPTS, out_dir=tmp_path / "ok", fusions=[Fusion.parse("a+b:0.5,0.5")], **FAST)
     assert_unchanged(pipe, before)  # bit-exact, and no LoRA layers left (their names would differ)
     assert list(pipe.get_shira_adapters()) == ["users_own"] and pipe.get_active_shira_adapters() == ["users_own"]
-    assert pipe.get_list_adapters() == {}
+    assert pipe.get_list_adapters() == {"unet": ["users_own"]}  # no LoRA adapter left
     again = run_evaluation(pipe, adapters, PROMPTS, out_dir=tmp_path / "ok", **FAST)  # a second run on the same pipe
     assert again.generated == 0
     # fail while a SHiRA setting is active (2nd score call), then while the LoRA is active (4th: base, a, b, l)
@@ -92,7 +92,7 @@ def test_pipeline_is_left_as_found_after_success_and_after_a_failure(files, pipe
         with pytest.raises(RuntimeError, match="on purpose"):
             run_evaluation(pipe, adapters, PROMPTS, out_dir=tmp_path / f"fail{fail_on_call}", scorer=scorer, **FAST)
         assert_unchanged(pipe, before)
-        assert list(pipe.get_shira_adapters()) == ["users_own"] and pipe.get_list_adapters() == {}
+        assert list(pipe.get_shira_adapters()) == ["users_own"] and pipe.get_list_adapters() == {"unet": ["users_own"]}
     pipe.disable_shira()
     disabled = snapshot(pipe)
     run_evaluation(pipe, {"a": files / "a.safetensors"}, PROMPTS, out_dir=tmp_path / "disabled", **FAST)

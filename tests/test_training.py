@@ -485,15 +485,23 @@ def test_user_errors_are_reported_before_any_model_loads(setup, tmp_path, capsys
 
 
 def test_checkpoint_folders_with_other_names_are_not_the_runs(tmp_path):
-    from shira_diffusion.training import _find_checkpoint, _prune_checkpoints
+    from safetensors.torch import save_file
+
+    from shira_diffusion.checkpoints import CHECKPOINT_FILES, find_checkpoint, prune_checkpoints
 
     for name in ("checkpoint-2", "checkpoint-10", "checkpoint-best", "checkpoint-3-old"):
         (tmp_path / name).mkdir()
+    for name in ("checkpoint-2", "checkpoint-10"):  # complete: 'latest' and pruning skip incomplete checkpoint-N folders
+        for file in CHECKPOINT_FILES:
+            if file.endswith(".safetensors"):
+                save_file({"x": torch.zeros(1)}, str(tmp_path / name / file))
+            else:
+                torch.save({}, tmp_path / name / file)
     (tmp_path / "checkpoint-99").write_text("a file, not a checkpoint")
-    assert _find_checkpoint(tmp_path, "latest").name == "checkpoint-10"  # by number, not by name
+    assert find_checkpoint(tmp_path, "latest").name == "checkpoint-10"  # by number, not by name
     with pytest.raises(FileNotFoundError, match="checkpoint-best: no such checkpoint folder"):
-        _find_checkpoint(tmp_path, "checkpoint-best")
-    _prune_checkpoints(tmp_path, 2)  # room for one more: keeps only the newest numbered one
+        find_checkpoint(tmp_path, "checkpoint-best")
+    prune_checkpoints(tmp_path, 2)  # room for one more: keeps only the newest numbered one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-3-old", "checkpoint-99", "checkpoint-best"]
 
 

@@ -2,7 +2,8 @@
 
 Each subcommand module defines `add_arguments(parser)` (cheap: no torch/diffusers imports at module level)
 and `run(args) -> int` (does the work, importing what it needs). User errors (bad files, bad flags,
-bad data) print one clear line and exit with status 2; set SHIRA_DEBUG=1 to see the traceback.
+bad data, and whatever the operating system refuses: a full disk, a read-only or forbidden folder) print one
+clear line `error: ...` and exit with status 2; set SHIRA_DEBUG=1 to see the traceback.
 
 Usage: shira-diffusion train --pretrained_model_name_or_path PATH --train_data_dir DIR --output_dir OUT
 """
@@ -11,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 from collections.abc import Sequence
+
+FLOAT32_MAX = 3.4028234663852886e38
 
 # subcommand -> (module in shira_diffusion.cli, one-line help)
 SUBCOMMANDS = {
@@ -48,6 +52,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of zero would run and do nothing). Usage: type=positive_int"""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def float32(text: str) -> float:
+    """argparse type: a finite number that fits float32, the dtype strengths are applied in. Usage: type=float32"""
+    value = float(text)
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be a finite number with |x| <= {FLOAT32_MAX!r} (float32), got {text}")
+    return value
+
+
+def resolution(text: str) -> int:
+    """argparse type: an image side the pipelines take (a positive multiple of 8, at most 4096). Usage: type=resolution"""
+    from ..data import check_resolution  # torch: only when the flag is given, at parse time
+
+    value = int(text)
+    try:
+        check_resolution(value, "the image size")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What bad input or the operating system raise: OSError (missing, forbidden, read-only, full disk ...),
+    ValueError (our format errors, bad JSON / UTF-8), safetensors' SafetensorError, and the RecursionError /
+    OverflowError / EOFError that parsers raise on absurd or cut-short files."""
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, RecursionError, OverflowError, EOFError)
+    if "safetensors" in sys.modules:  # loaded by whatever raised it; never imported just for this
+        errors += (sys.modules["safetensors"].SafetensorError,)
+    return errors
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for `error: ...`: "path: reason" for OS errors, the message (with the type where the message
+    alone would not say what failed) otherwise. Usage: print(f"error: {describe_error(e)}")"""
+    if isinstance(error, OSError) and error.strerror:
+        names = [os.fsdecode(n) for n in (error.filename, error.filename2) if n is not None]
+        text = f"{' -> '.join(names)}: {error.strerror}" if names else error.strerror
+    else:
+        text = str(error)
+        if not isinstance(error, (OSError, ValueError)) or not text:
+            text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -55,10 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as error:
+    except _user_errors() as error:
         if os.environ.get("SHIRA_DEBUG"):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {describe_error(error)}", file=sys.stderr)
         return 2
 
 

@@ -6,6 +6,8 @@ Usage: shira-diffusion convert pytorch_lora_weights.safetensors style.safetensor
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,11 +27,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
+def check_output_file(path: str) -> Path:
+    """The adapter file to write, checked before the conversion's work: a .safetensors name that is not a folder,
+    in a folder that exists (or will be made inside one) and that this user may write. Usage: check_output_file("a.safetensors")"""
+    out = Path(path)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out}: SHiRA adapters are saved as .safetensors files")
+    if out.is_dir():
+        raise ValueError(f"{out}: is a folder; give the path of the adapter file to write")
+    folder = next(p for p in out.absolute().parents if os.path.lexists(p))  # save() makes the missing ones
+    if not folder.is_dir():
+        raise ValueError(f"{out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):  # root passes: the kernel ignores permission bits for it
+        raise PermissionError(f"{folder}: folder is not writable, cannot write {out.name} there")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..convert import lora_to_shira
 
+    check_output_file(args.out_file)
     adapter, report = lora_to_shira(args.lora_file, density=None if args.match_params else args.density, match_params=args.match_params, components=args.components,
                                    pipeline=args.pipeline)
     adapter.to(getattr(torch, DTYPES[args.dtype])).save(args.out_file)

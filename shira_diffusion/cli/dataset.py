@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 
+from . import positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     check = sub.add_parser("check", help="validate an image folder with captions")
     check.add_argument("folder")
-    check.add_argument("--resolution", type=int, default=None, help="flag images smaller than this (the training resolution)")
+    check.add_argument("--resolution", type=positive_int, default=None, help="flag images smaller than this (the training resolution)")
     check.add_argument("--require-license", action="store_true", help="every metadata.jsonl row needs a license field (CC0 / public domain)")
     check.add_argument("--any-license", action="store_true", help="with --require-license: accept licences other than CC0")
 

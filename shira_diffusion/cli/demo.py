@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import positive_int, resolution
+
 LIVE_CHOICES = ("shira:blue fire", "shira:painting", "lora:blue fire", "lora:painting")
 
 
@@ -17,15 +19,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="a real SD 1.x pipeline (folder or Hub id); default: the shapes world model")
     parser.add_argument("--live", nargs="+", default=["shira:blue fire"], metavar="METHOD:STYLE",
                         help=f"world adapters trained during the demo, the others come shipped: any of {list(LIVE_CHOICES)} or 'all' (default: shira:blue fire)")
-    parser.add_argument("--seeds", type=int, default=2, help="world: sampling seeds per prompt for the judged numbers (default 2)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per adapter (default: the world recipe's 250 / 400 real)")
+    parser.add_argument("--seeds", type=positive_int, default=2, help="world: sampling seeds per prompt for the judged numbers (default 2)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="training steps per adapter (default: the world recipe's 250 / 400 real)")
     parser.add_argument("--seed", type=int, default=0)
     real = parser.add_argument_group("with --model (a real SD 1.x model)")
-    real.add_argument("--resolution", type=int, default=None, help="training and sampling resolution (default 512)")
-    real.add_argument("--rank", type=int, default=None, help="LoRA rank = SHiRA budget r*(m+n) (default 4)")
+    real.add_argument("--resolution", type=resolution, default=None, help="training and sampling resolution (default 512)")
+    real.add_argument("--rank", type=positive_int, default=None, help="LoRA rank = SHiRA budget r*(m+n) (default 4)")
     real.add_argument("--mask", default=None, help="SHiRA mask (default struct)")
     real.add_argument("--learning_rate", type=float, default=None, help="default 1e-4")
-    real.add_argument("--inference_steps", type=int, default=None, help="sampling steps (default 30)")
+    real.add_argument("--inference_steps", type=positive_int, default=None, help="sampling steps (default 30)")
     real.add_argument("--hps_checkpoint", default=None, help="HPS_v2.1_compressed.pt (or .safetensors) for scoring; loaded before training")
 
 

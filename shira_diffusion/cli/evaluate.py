@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import float32, positive_int, resolution
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="diffusers model folder or Hub id")
@@ -19,19 +21,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", required=True, help="prompt file (.txt one per line, or .json)")
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", type=int, nargs="+", help="explicit seeds")
-    seeds.add_argument("--num_seeds", type=int, default=30, help="seeds 0..N-1 (default 30, as in the paper)")
-    parser.add_argument("--alphas", type=float, nargs="+", default=[1.0, 0.75, 0.5], help="adapter strengths (default 1 0.75 0.5)")
+    seeds.add_argument("--num_seeds", type=positive_int, default=30, help="seeds 0..N-1 (default 30, as in the paper)")
+    parser.add_argument("--alphas", type=float32, nargs="+", default=[1.0, 0.75, 0.5], help="adapter strengths (default 1 0.75 0.5)")
     parser.add_argument("--no_base", action="store_true", help="skip the base model")
     parser.add_argument("--output_dir", default="shira-eval", help="results folder; a rerun with the same settings resumes it")
     parser.add_argument("--overwrite", action="store_true", help="discard the results already in --output_dir (needed when the settings changed)")
-    parser.add_argument("--num_inference_steps", type=int, default=30)
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
-    parser.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
+    parser.add_argument("--num_inference_steps", type=positive_int, default=30)
+    parser.add_argument("--guidance_scale", type=float32, default=7.5)
+    parser.add_argument("--resolution", type=resolution, default=None, help="image size (default: the model's)")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="pipeline dtype (default fp16 on GPU)")
     parser.add_argument("--hps_checkpoint", default=None, help="local HPS_v2*.pt (tensors only, read with weights_only=True) or .safetensors (default: fetched from xswu/HPSv2)")
     parser.add_argument("--hps_version", choices=["v2.0", "v2.1"], default="v2.1")
     parser.add_argument("--hps_model", default="ViT-H-14", help="open_clip architecture (default ViT-H-14)")
-    parser.add_argument("--batch_size", type=int, default=16, help="images per scoring batch")
+    parser.add_argument("--batch_size", type=positive_int, default=16, help="images per scoring batch")
     parser.add_argument("--no_score", action="store_true", help="generate only (no HPSv2 checkpoint needed)")
 
 

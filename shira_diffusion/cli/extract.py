@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .convert import DTYPES
+from .convert import DTYPES, check_output_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..convert import extract_shira
 
+    check_output_file(args.out_file)
     adapter, report = extract_shira(args.base, args.tuned, density=args.density, component=args.component)
     adapter.to(getattr(torch, DTYPES[args.dtype])).save(args.out_file)
     print(f"overall relative Frobenius error {report.overall:.4f}" if args.quiet else report.table())

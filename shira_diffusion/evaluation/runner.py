@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import shutil
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..diffusers_verbs import lora_only
 from ..format import METADATA_KEY, SHIRA_WEIGHT_NAME
 from .prompts import Prompt
 
@@ -46,6 +48,7 @@ SETTINGS_NAME = "run_settings.json"
 SEED_POLICY = "torch.Generator('cpu').manual_seed(seed), one per image"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 RESERVED = set("+@,:|/\\= ")  # characters that would make labels, keys or image paths ambiguous
+FLOAT32_MAX = 3.4028234663852886e38  # strengths are applied to float32 (or narrower) weights
 OUTPUTS = ("records.jsonl", "records.csv", "summary.md", "summary.csv", "score_vs_alpha.png", SETTINGS_NAME)
 
 
@@ -75,7 +78,42 @@ class Fusion:
             raise ValueError(f"--fusion {text!r}: weights must be numbers (expected 'name1+name2[:w1,w2]')") from None
         if len(parts) < 2 or len(values) != len(parts):
             raise ValueError(f"--fusion {text!r}: expected 'name1+name2[:w1,w2]' with one weight per adapter")
+        for value in values:
+            _check_strength(f"--fusion {text!r}: weight", value)
         return cls(parts, values)
+
+
+def _check_strength(what: str, value: float) -> None:
+    """A strength (alpha, fusion weight or their product) must be finite and fit float32: inf / nan would
+    silently turn every adapted weight into inf / nan."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+        raise ValueError(f"{what} must be a finite number with |x| <= {FLOAT32_MAX!r} (float32), got {value!r}")
+
+
+def _check_run_config(seeds: Sequence[int], alphas: Sequence[float], adapters: Mapping, settings: Sequence[tuple], steps: int,
+                      guidance: float, height, width) -> None:
+    """Every count >= 1 and every number usable, before a model runs or anything is written (a count of zero
+    would 'succeed' having done nothing)."""
+    if not seeds:
+        raise ValueError("no seeds: give at least one seed (--seeds / --num_seeds >= 1)")
+    if adapters and not alphas:
+        raise ValueError("no alphas: give at least one adapter strength (--alphas)")
+    if not settings:
+        raise ValueError("nothing to evaluate: no adapters, no fusions and the base model left out (--no_base)")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+    _check_strength("guidance_scale", guidance)
+    for name, size in (("height", height), ("width", width)):
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"{name} must be None (the model's) or an integer >= 1, got {size!r}")
+    for label, strengths, alpha in settings:
+        _check_strength(f"alpha of {label}", alpha)
+        for name, strength in strengths.items():
+            _check_strength(f"strength of {name} in {label} at alpha {alpha!r}", strength)
 
 
 @dataclass
@@ -207,7 +245,7 @@ def _read_records(path: Path) -> dict[str, dict]:
         try:
             record = json.loads(line)
             done[record["key"]] = record
-        except (json.JSONDecodeError, TypeError, KeyError) as error:
+        except (json.JSONDecodeError, TypeError, KeyError, RecursionError) as error:  # RecursionError: absurd nesting
             raise ValueError(f"{path} line {number}: not a record ({type(error).__name__}: {error}); fix or delete the file") from None
     return done
 
@@ -224,7 +262,7 @@ def _prepare_out_dir(out_dir: Path, current: dict, prompts: Sequence[Prompt], ov
         return done, current
     try:
         stored = json.loads(settings_path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, RecursionError) as error:
         raise ValueError(f"{settings_path}: not valid JSON ({error}); use a new output folder or --overwrite") from None
     problems = _differences(stored, current)
     for record in done.values():
@@ -271,7 +309,7 @@ class _PipeState:
         if clash:
             raise ValueError(f"adapter {clash[0]}: the pipeline already has a SHiRA adapter of that name; unload it or rename --adapter")
         if "lora" in kinds.values():
-            existing = {n for names in pipe.get_list_adapters().values() for n in names}
+            existing = {n for names in lora_only(pipe, "get_list_adapters")().values() for n in names}
             if existing or getattr(pipe, "num_fused_loras", 0):
                 raise ValueError(f"the pipeline already has LoRA adapters ({sorted(existing) or 'fused'}): unload them before evaluating LoRA files")
 
@@ -290,15 +328,15 @@ class _PipeState:
         shira = {n: s for n, s in strengths.items() if self.kinds[n] == "shira"}
         lora = {n: s for n, s in strengths.items() if self.kinds[n] == "lora"}
         self.pipe.set_shira_adapters(list(shira), list(shira.values()))
-        if lora:
-            self.pipe.enable_lora()
-            self.pipe.set_adapters(list(lora), adapter_weights=list(lora.values()))
+        if lora:  # diffusers' verbs on the LoRA layers only: theirs would switch the SHiRA adapters too
+            lora_only(self.pipe, "enable_lora")()
+            lora_only(self.pipe, "set_adapters")(list(lora), adapter_weights=list(lora.values()))
         elif self.lora_loaded:
-            self.pipe.disable_lora()
+            lora_only(self.pipe, "disable_lora")()
 
     def restore(self) -> None:
         if self.lora_loaded:
-            self.pipe.unload_lora_weights()  # removes the LoRA layers: the modules are the original ones again
+            lora_only(self.pipe, "unload_lora_weights")()  # removes the LoRA layers: the modules are the original ones again
         if self.shira_loaded:
             self.pipe.unload_shira_weights(self.shira_loaded)  # bit-exact
         self.engine.set_active({name: self.engine.alphas[name] for name in self.prior_active})
@@ -334,6 +372,8 @@ def run_evaluation(
     out_dir = Path(out_dir)
     seeds = list(seeds)
     _check_names(adapters, fusions)
+    _check_run_config(seeds, alphas, adapters, _settings(list(adapters), fusions, alphas, include_base), num_inference_steps,
+                      guidance_scale, height, width)
     resolved = {name: resolve_adapter(name, path) for name, path in adapters.items()}
     files, kinds = {n: f for n, (f, _) in resolved.items()}, {n: k for n, (_, k) in resolved.items()}
     for fusion in fusions:
