@@ -221,7 +221,7 @@ def test_a_deeply_nested_prompt_file_is_a_one_line_error(model, tmp_path, capsys
     args = ["eval", "--pretrained_model_name_or_path", model, "--prompts", str(tmp_path / "prompts.json"), "--output_dir", str(tmp_path / "o"),
             "--no_score"]
     assert main(args) == 2
-    assert last_error(capsys).startswith("error: RecursionError: ")
+    assert last_error(capsys) == f"error: {tmp_path / 'prompts.json'}: JSON nested too deeply"
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores folder permissions")
@@ -312,3 +312,16 @@ def test_run_evaluation_checks_counts_and_strengths_before_touching_the_pipeline
     assert not out.exists()
     with pytest.raises(ValueError, match=r"--fusion 'a\+b:1,1e39': weight must be a finite number"):
         Fusion.parse("a+b:1,1e39")
+
+
+def test_prompt_files_that_are_not_utf8_or_nest_too_deeply_name_the_file(tmp_path):
+    from shira_diffusion.evaluation.prompts import load_prompts
+
+    latin = tmp_path / "prompts.txt"
+    latin.write_bytes("a caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"prompts.txt: not UTF-8 text"):
+        load_prompts(latin)
+    bomb = tmp_path / "prompts.json"
+    bomb.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"prompts.json: JSON nested too deeply"):
+        load_prompts(bomb)

@@ -27,11 +27,17 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such prompt file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if path.suffix.lower() == ".json":
         try:
-            entries = json.loads(path.read_text())
+            entries = json.loads(text)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: not valid JSON: {error}") from None
+        except RecursionError:
+            raise ValueError(f"{path}: JSON nested too deeply") from None
         if not isinstance(entries, list):
             raise ValueError(f"{path}: expected a JSON list of prompts")
         prompts = []
@@ -43,7 +49,7 @@ def load_prompts(path: str | Path) -> list[Prompt]:
             else:
                 raise ValueError(f"{path}: entry {index} is neither a string nor an object with a 'prompt' string")
     else:
-        prompts = [Prompt(line.strip()) for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        prompts = [Prompt(line.strip()) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
