@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .common import RESULTS
 
-BENCHMARKS = ("switch", "exactness", "overhead", "compile", "training", "size", "masks", "eval", "world_quality", "fidelity")
+BENCHMARKS = ("switch", "exactness", "overhead", "compile", "training", "size", "masks", "eval", "world_quality", "fidelity", "cli")
 ON_DEVICE = {"switch", "exactness", "overhead", "compile", "training", "eval"}  # size and masks are CPU work
 
 

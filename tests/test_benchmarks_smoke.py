@@ -19,6 +19,7 @@ EXPECTED = {
     "eval": ["HPSv2Scorer images/s (incl. one load)", "official pattern timed on", "speed-up"],
     "world_quality": ["shape accuracy", "content accuracy", "painting strength"],
     "fidelity": ["method", "blue fire α=1", "painting retention", "fused content α=1"],
+    "cli": ["command", "seconds"],
 }
 
 

@@ -33,7 +33,7 @@ def test_dataset_check_reports_each_planted_defect_by_name(tmp_path, capsys):
     (train / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["file_name"] != "train_004_ring.png"))
     (train / "zz_copy.png").write_bytes((train / "train_000_circle.png").read_bytes())
     Image.new("RGB", (16, 16)).save(train / "small.png")
-    assert main(["dataset", "check", str(train), "--resolution", "32", "--require-license"]) == 1
+    assert main(["dataset", "check", str(train), "--resolution", "32", "--require_license"]) == 1
     out = capsys.readouterr().out
     assert "train_002_triangle.png: unreadable image" in out
     assert "train_004_ring.png: no caption" in out

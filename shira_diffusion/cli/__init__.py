@@ -31,24 +31,56 @@ SUBCOMMANDS = {
 }
 
 
-def _available() -> dict[str, object]:
-    modules = {}
-    for command, (module_name, _) in SUBCOMMANDS.items():
-        try:
-            modules[command] = importlib.import_module(f"{__name__}.{module_name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"{__name__}.{module_name}":
-                raise
-    return modules
+class _Parser(argparse.ArgumentParser):
+    """Flags are spelled with underscores, as in diffusers' scripts; each one's hyphenated spelling is accepted too
+    (`--match-params` is `--match_params`). Subcommand parsers are of this class as well."""
+
+    def add_argument(self, *names, **kwargs):
+        return super().add_argument(*_underscored(names), **kwargs)
+
+    def add_argument_group(self, *args, **kwargs):
+        return _spelling_underscores(super().add_argument_group(*args, **kwargs))
+
+    def add_mutually_exclusive_group(self, **kwargs):
+        return _spelling_underscores(super().add_mutually_exclusive_group(**kwargs))
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        known = {option for action in self._actions for option in action.option_strings}
+        return super().parse_known_args([_respelled(token, known) for token in args], namespace)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shira-diffusion", description="Sparse High Rank Adapters for diffusers.")
+def _underscored(names: Sequence[str]) -> list[str]:
+    return [f"--{name[2:].replace('-', '_')}" if name.startswith("--") else name for name in names]
+
+
+def _spelling_underscores(group):
+    """An argument group whose flags are spelled with underscores too (groups do not call the parser's add_argument)."""
+    add = group.add_argument
+    group.add_argument = lambda *names, **kwargs: add(*_underscored(names), **kwargs)
+    return group
+
+
+def _respelled(token: str, known: set[str]) -> str:
+    """`--foo-bar[=v]` as `--foo_bar[=v]` when that is a flag of this parser; anything else unchanged."""
+    if not token.startswith("--"):
+        return token
+    name, equals, value = token.partition("=")
+    underscored = f"--{name[2:].replace('-', '_')}"
+    return f"{underscored}{equals}{value}" if name not in known and underscored in known else token
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser. With `command`, only that subcommand's module is imported and its flags added (the others
+    are listed by name): `shira-diffusion --help` imports nothing heavy. Usage: build_parser().parse_args(argv)"""
+    parser = _Parser(prog="shira-diffusion", description="Sparse High Rank Adapters for diffusers.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command, module in _available().items():
-        sub_parser = sub.add_parser(command, help=SUBCOMMANDS[command][1], description=SUBCOMMANDS[command][1])
-        module.add_arguments(sub_parser)
-        sub_parser.set_defaults(_run=module.run)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if command is None or name == command:
+            module = importlib.import_module(f"{__name__}.{module_name}")
+            module.add_arguments(sub_parser)
+            sub_parser.set_defaults(_run=module.run)
     return parser
 
 
@@ -104,7 +136,9 @@ def describe_error(error: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((token for token in argv if not token.startswith("-")), None)
+    args = build_parser(command if command in SUBCOMMANDS else None).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_file", help="SHiRA adapter to write (.safetensors)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--density", type=float, default=0.02, help="fraction of each weight to keep (default 0.02)")
-    budget.add_argument("--match-params", action="store_true", help="keep as many entries per layer as the LoRA has parameters")
+    budget.add_argument("--match_params", action="store_true", help="keep as many entries per layer as the LoRA has parameters")
     parser.add_argument("--components", nargs="+", help="only these components (e.g. unet text_encoder)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp16", help="stored value dtype (default fp16: 4 bytes/parameter)")
     parser.add_argument("--pipeline", default="StableDiffusionXLPipeline",

@@ -1,6 +1,6 @@
 """`shira-diffusion dataset check DIR`: every defect of a style image folder, by file name.
 
-Usage: shira-diffusion dataset check my_style/ --resolution 512 --require-license
+Usage: shira-diffusion dataset check my_style/ --resolution 512 --require_license
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check = sub.add_parser("check", help="validate an image folder with captions")
     check.add_argument("folder")
     check.add_argument("--resolution", type=positive_int, default=None, help="flag images smaller than this (the training resolution)")
-    check.add_argument("--require-license", action="store_true", help="every metadata.jsonl row needs a license field (CC0 / public domain)")
-    check.add_argument("--any-license", action="store_true", help="with --require-license: accept licences other than CC0")
+    check.add_argument("--require_license", action="store_true", help="every metadata.jsonl row needs a license field (CC0 / public domain)")
+    check.add_argument("--any_license", action="store_true", help="with --require_license: accept licences other than CC0")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -64,7 +64,7 @@ def _flag_type(annotation: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..training import TrainingConfig
+    from ..training_config import TrainingConfig
 
     for field in dataclasses.fields(TrainingConfig):
         flag, annotation = f"--{field.name}", str(field.type)
