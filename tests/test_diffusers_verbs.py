@@ -192,3 +192,20 @@ def test_shira_state_dict_reads_an_adapter_without_a_pipeline(tmp_path, monkeypa
         ShiraStableDiffusionPipeline.shira_state_dict("me/not-here", local_files_only=True)
     with pytest.raises(TypeError, match="shira_state_dict\\(\\) got an unexpected keyword argument 'revison'"):
         ShiraStableDiffusionPipeline.shira_state_dict("me/not-here", revison="main")
+
+
+def test_hub_ids_read_from_a_local_cache_offline(tmp_path, monkeypatch):
+    # huggingface_hub's cache layout, as a download leaves it: the file under snapshots/<commit>, refs/main naming it
+    pipe = tiny_pipeline("sd")
+    base = snapshot(pipe)
+    adapter = random_adapter(pipe, 1)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--someone--style-shira"
+    adapter.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    read = ShiraStableDiffusionPipeline.shira_state_dict("someone/style-shira", cache_dir=tmp_path / "cache")
+    assert all(torch.equal(read.state_dict()[k], v) for k, v in adapter.state_dict().items())
+    pipe.load_shira_weights("someone/style-shira", cache_dir=tmp_path / "cache", adapter_name="style")
+    assert holds(pipe, fused(base, (adapter, 1.0)))
