@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from shira_diffusion import ShiraAdapter, SparseDelta
@@ -48,3 +53,19 @@ def random_adapter(
             values = torch.randn(count, generator=generator) * scale
             deltas.setdefault(component, {})[name] = SparseDelta(tuple(parameter.shape), positions, values)
     return ShiraAdapter(deltas)
+
+
+def draw_style_folder(folder: Path, count: int = 6, captions: bool = True) -> Path:
+    """Small procedural training images (an orange square on a blue ground, moved per image) with a
+    metadata.jsonl of captions, one per line."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        pixels = np.zeros((40, 48, 3), np.uint8)
+        pixels[..., 2] = 200
+        pixels[8 + i : 28 + i, 6 + 3 * i : 26 + 3 * i] = (255, 140, 20)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"shape {i}, blue fire style"})
+    if captions:
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder

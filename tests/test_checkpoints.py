@@ -1,7 +1,6 @@
 """Checkpoints survive kills: each is written to a hidden temp folder and renamed into place when complete,
 `--resume_from_checkpoint latest` takes only complete ones, and every output file is replaced atomically."""
 
-import json
 import os
 import random
 import shutil
@@ -14,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from shira_diffusion.cli import main
@@ -22,6 +20,8 @@ from shira_diffusion.testing import tiny_pipeline
 from shira_diffusion.durable import host_tag
 from shira_diffusion.checkpoints import checkpoint_problem, find_checkpoint, prune_checkpoints
 from shira_diffusion.training import TrainingConfig, train
+
+from .helpers import draw_style_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,25 +34,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def draw_images(folder: Path, count: int = 4) -> Path:
-    """Small captioned images: an orange square on a blue ground, moved per image."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(count):
-        pixels = np.zeros((40, 48, 3), np.uint8)
-        pixels[..., 2] = 200
-        pixels[8 + i : 28 + i, 6 + 3 * i : 26 + 3 * i] = (255, 140, 20)
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": f"shape {i}, blue fire style"})
-    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     tiny_pipeline("sd").save_pretrained(root / "model")
-    return {"model": str(root / "model"), "data": str(draw_images(root / "data")), "root": root}
+    return {"model": str(root / "model"), "data": str(draw_style_folder(root / "data", count=4)), "root": root}
 
 
 SETTINGS = dict(resolution=32, center_crop=True, random_flip=True, train_batch_size=2, max_train_steps=6, learning_rate=3e-2, density=0.2,

@@ -3,6 +3,7 @@ or dangling metadata rows, images whose header claims a huge size, out-of-range 
 errors in the CLI, read-only output folders, truncated weights, counts below one and strengths outside float32."""
 
 import errno
+import importlib
 import json
 import os
 import re
@@ -11,31 +12,18 @@ import threading
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from shira_diffusion import cli
 from shira_diffusion.cli import main
 from shira_diffusion.data import DatasetError, read_image_folder
 from shira_diffusion.datasets import check_dataset
 from shira_diffusion.testing import tiny_pipeline
 
-
-def draw_images(folder: Path, count: int = 4) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(count):
-        pixels = np.zeros((40, 48, 3), np.uint8)
-        pixels[..., 2] = 200
-        pixels[8 + i : 28 + i, 6 + 3 * i : 26 + 3 * i] = (255, 140, 20)
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": f"shape {i}, blue fire style"})
-    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return folder
+from .helpers import draw_style_folder
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +77,7 @@ def finishes(fifo: Path, work, timeout: float = 120.0):
 # ---- data listings ---------------------------------------------------------------------------------------
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
 def test_a_fifo_named_like_an_image_is_never_opened(model, tmp_path, capsys):
-    data = draw_images(tmp_path / "data")
+    data = draw_style_folder(tmp_path / "data", count=4)
     os.mkfifo(data / "8.png")
     with pytest.warns(UserWarning, match=r"8.png: a FIFO, not a regular file; skipped"):
         records = finishes(data / "8.png", lambda: read_image_folder(data))
@@ -109,7 +97,7 @@ def test_a_fifo_named_like_an_image_is_never_opened(model, tmp_path, capsys):
 
 
 def test_metadata_that_is_not_utf8_is_an_error_naming_file_and_line(model, tmp_path, capsys, no_model_loads):
-    data = draw_images(tmp_path / "data")
+    data = draw_style_folder(tmp_path / "data", count=4)
     lines = (data / "metadata.jsonl").read_bytes().splitlines()
     lines[2] = lines[2].replace(b"shape 2", b"shape \xff\xfe 2")
     (data / "metadata.jsonl").write_bytes(b"\n".join(lines))
@@ -131,7 +119,7 @@ def test_metadata_that_is_not_utf8_is_an_error_naming_file_and_line(model, tmp_p
 
 
 def test_a_metadata_row_for_a_missing_image_is_an_error_naming_file_line_and_image(model, tmp_path, capsys, no_model_loads):
-    data = draw_images(tmp_path / "data")
+    data = draw_style_folder(tmp_path / "data", count=4)
     (data / "2.png").unlink()
     assert main(train_args(model, data, tmp_path / "out", "--instance_prompt", "style")) == 2
     assert re.search(r"error: .*data/metadata.jsonl:3: \"file_name\" '2.png': no such file$", last_error(capsys))
@@ -154,7 +142,7 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 def test_an_image_whose_header_claims_too_many_pixels_is_refused_before_decoding(model, tmp_path, capsys, monkeypatch, no_model_loads):
-    data = draw_images(tmp_path / "data")
+    data = draw_style_folder(tmp_path / "data", count=4)
     (data / "3.png").write_bytes(png_claiming(10_000, 10_000))  # 1e8 pixels: over PIL's limit, under twice it (PIL only warns)
     assert Image.MAX_IMAGE_PIXELS < 10_000 * 10_000 < 2 * Image.MAX_IMAGE_PIXELS
     real_load = ImageFile.ImageFile.load
@@ -179,7 +167,7 @@ def test_an_image_whose_header_claims_too_many_pixels_is_refused_before_decoding
     ("-64", "--resolution must be a positive multiple of 8, got -64"),
 ])
 def test_resolution_is_bounded_before_any_model_loads(model, tmp_path, capsys, no_model_loads, resolution, message):
-    data = draw_images(tmp_path / "data")
+    data = draw_style_folder(tmp_path / "data", count=4)
     args = train_args(model, data, tmp_path / "out")
     args[args.index("--resolution") + 1] = resolution
     assert main(args) == 2
@@ -189,7 +177,7 @@ def test_resolution_is_bounded_before_any_model_loads(model, tmp_path, capsys, n
 
 @pytest.mark.parametrize("flag", ["--learning_rate", "--noise_offset", "--adam_epsilon"])
 def test_infinite_rates_and_weights_are_refused_before_any_model_loads(model, tmp_path, capsys, no_model_loads, flag):
-    assert main(train_args(model, draw_images(tmp_path / "data"), tmp_path / "out", flag, "inf")) == 2
+    assert main(train_args(model, draw_style_folder(tmp_path / "data", count=4), tmp_path / "out", flag, "inf")) == 2
     assert f"{flag} must be a finite number, got inf" in last_error(capsys)
 
 
@@ -207,7 +195,7 @@ def test_main_turns_os_and_format_errors_into_one_line_and_exit_2(monkeypatch, c
     def run(args):
         raise error
 
-    monkeypatch.setattr(cli.inspect, "run", run)
+    monkeypatch.setattr(importlib.import_module("shira_diffusion.cli.inspect"), "run", run)
     monkeypatch.delenv("SHIRA_DEBUG", raising=False)
     assert main(["inspect", "x.safetensors"]) == 2
     assert capsys.readouterr().err == expected + "\n"

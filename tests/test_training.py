@@ -24,7 +24,7 @@ from shira_diffusion.testing import tiny_pipeline
 from shira_diffusion.trainables import UNET_TARGETS, ShiraTrainable, find_targets, prepare_trainable
 from shira_diffusion.training import TrainingConfig, config_from_dict, denoising_loss, train
 
-from .helpers import snapshot
+from .helpers import draw_style_folder, snapshot
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,21 +35,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def draw_style_folder(folder, count=6, captions=True):
-    """Small procedural images: an orange square on a blue ground, moved per image."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(count):
-        pixels = np.zeros((40, 48, 3), np.uint8)
-        pixels[..., 2] = 200
-        pixels[8 + i : 28 + i, 6 + 3 * i : 26 + 3 * i] = (255, 140, 20)
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": f"shape {i}, blue fire style"})
-    if captions:
-        (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return folder
 
 
 @pytest.fixture(scope="module")
