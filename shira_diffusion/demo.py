@@ -24,12 +24,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from . import world
 from .demo_model import median_ms
+from .grids import labelled_grid
+from .quiet import quiet_libraries
 from .world.adapters import METHODS, shipped_adapter, training_config
-from .world.evaluate import fusion_prompts, generate, lora_activation, measure, shira_activation, style_prompts
+from .world.evaluate import fusion_prompts, generate, measure, style_prompts
 
 STYLES = tuple(world.STYLE_SETS)
 GRID_CONTENT = ("a red circle on a gray background", "a yellow square on a black background", "a blue triangle on a white background",
@@ -71,38 +73,24 @@ def _settings(base: bool = True) -> list[tuple[str, dict[str, float]]]:
     return rows + [("fused alpha=1", {style: 1.0 for style in STYLES})]
 
 
-def _label(image: Image.Image, text: str, width: int) -> Image.Image:
-    canvas = Image.new("RGB", (width + image.width, image.height), "white")
-    canvas.paste(image, (width, 0))
-    ImageDraw.Draw(canvas).text((4, image.height // 2 - 6), text, fill="black")
-    return canvas
+def _column_label(content: str) -> str:
+    """'a red circle on a gray background' -> 'red circle\non gray': fits a 96 px column."""
+    shape, background = content.removeprefix("a ").split(" on ")
+    return shape + "\non " + background.removeprefix("a ").removesuffix(" background")
 
 
 def render_grid(pipe, activate, seed: int = 0, tile: int = 96) -> Image.Image:
-    """Rows: the settings of `_settings()`; columns: GRID_CONTENT, each prompt naming the active styles."""
-    from diffusers.utils import make_image_grid
-
-    rows = []
+    """Rows: the settings of `_settings()` (labelled on the left); columns: GRID_CONTENT (labelled on top), each
+    prompt naming the active styles. Images are scaled up with NEAREST: the pixels as generated."""
+    labels, images = [], []
     for label, weights in _settings():
         activate(weights)
         prompts = [world.styled_caption(content, list(weights)) for content in GRID_CONTENT]
-        images = [image.resize((tile, tile), Image.Resampling.NEAREST) for image in generate(pipe, prompts, [seed])]
-        rows.append(_label(make_image_grid(images, rows=1, cols=len(images)), label, 110))
-    header = Image.new("RGB", (rows[0].width, 30), "white")
-    for column, content in enumerate(GRID_CONTENT):  # the content words, wrapped over two lines
-        words = content.removeprefix("a ").split(" on ")
-        ImageDraw.Draw(header).text((110 + column * tile + 3, 2), words[0] + "\non " + words[1].removesuffix(" background"), fill="black")
+        labels.append(label)
+        images += [image.resize((tile, tile), Image.Resampling.NEAREST) for image in generate(pipe, prompts, [seed])]
     activate({})
-    return _stack([header] + rows)
-
-
-def _stack(images: list[Image.Image]) -> Image.Image:
-    canvas = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
-    top = 0
-    for image in images:
-        canvas.paste(image, (0, top))
-        top += image.height
-    return canvas
+    return labelled_grid(images, rows=len(labels), cols=len(GRID_CONTENT), row_labels=labels,
+                         column_labels=[_column_label(content) for content in GRID_CONTENT])
 
 
 def judge_base(pipe, judge, seeds: range) -> dict:
@@ -124,20 +112,36 @@ def judge_settings(pipe, activate, judge, seeds: range) -> dict:
     return report
 
 
+def _activation(pipe, names: dict[str, str]):
+    """`activate({style: alpha})` for one method's adapters (`names`: style -> adapter name) in a pipeline holding
+    both methods: exactly these active through `set_adapters` (which turns every other LoRA and SHiRA adapter off),
+    after `enable_lora` (which also re-enables SHiRA: this package's `disable_lora` turns both off, as diffusers'
+    does all adapters); `{}` is the base model (`disable_lora`)."""
+    def activate(weights: dict[str, float]) -> None:
+        if not weights:
+            pipe.disable_lora()
+            return
+        pipe.enable_lora()
+        pipe.set_adapters([names[style] for style in weights], list(weights.values()))
+    return activate
+
+
 def _load(pipe, paths: dict[tuple[str, str], Path]) -> dict[str, object]:
-    """Both methods' adapters into one pipeline: SHiRA by `load_shira_weights` (inactive until asked), LoRA by
-    diffusers' loader (unfused, disabled until asked). Returns each method's `activate`."""
+    """Both methods' adapters into one pipeline: SHiRA by `load_shira_weights`, LoRA by diffusers' loader (unfused),
+    without the libraries' noise about it (`quiet_libraries`). Returns each method's `activate` (`_activation`)."""
     names = {}
     for style in STYLES:
         pipe.load_shira_weights(paths[("shira", style)], adapter_name=style)
         names[style] = "lora_" + style.replace(" ", "_")  # diffusers confuses names like "A" with lora_A keys
-        pipe.load_lora_weights(str(paths[("lora", style)].parent), weight_name=paths[("lora", style)].name, adapter_name=names[style])
-    return {"shira": shira_activation(pipe), "lora": lora_activation(pipe, names)}
+        with quiet_libraries():
+            pipe.load_lora_weights(str(paths[("lora", style)].parent), weight_name=paths[("lora", style)].name, adapter_name=names[style])
+    return {"shira": _activation(pipe, {style: style for style in STYLES}), "lora": _activation(pipe, names)}
 
 
-def _timings(pipe, paths) -> dict[str, float]:
+def _timings(pipe, paths, activate_shira) -> dict[str, float]:
+    """Median ms of SHiRA's switch, fuse and load + unload, with SHiRA enabled and every LoRA adapter off."""
     a, b = STYLES
-    pipe.disable_lora()
+    activate_shira({a: 1.0})  # enabled: a disabled engine would time writes it skips
     return {
         "switch A→B, both loaded (set_shira_adapters)": median_ms(lambda: (pipe.set_shira_adapters(b), pipe.set_shira_adapters(a))) / 2,
         "fuse A+B (1, 1)": median_ms(lambda: pipe.set_shira_adapters([a, b], [1.0, 1.0])),
@@ -155,7 +159,8 @@ def run_world_demo(config: WorldDemoConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"config": asdict(config)}
     started = time.perf_counter()
-    with tqdm(total=5, desc="demo", unit="stage") as stages:
+    # quiet_libraries: no loading bars inside the demo's bar, no library noise the user cannot act on.
+    with quiet_libraries(), tqdm(total=5, desc="demo", unit="stage") as stages:
         stages.set_postfix_str("datasets")
         data = {style: world.write_style_dataset(out / "data" / style.replace(" ", "_"), style, seed=config.seed) for style in STYLES}
         stages.update()
@@ -165,9 +170,8 @@ def run_world_demo(config: WorldDemoConfig) -> dict:
         stages.set_postfix_str("switching")
         pipe, judge = world.pipeline(), Judge.load()
         activations = _load(pipe, paths)
-        pipe.set_shira_adapters([])
-        results["switch_ms"] = _timings(pipe, paths)
-        pipe.set_shira_adapters([])
+        results["switch_ms"] = _timings(pipe, paths, activations["shira"])
+        activations["shira"]({})
         stages.update()
         stages.set_postfix_str("grids")
         for method in METHODS:

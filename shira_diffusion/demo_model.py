@@ -25,7 +25,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from .grids import labelled_grid
+from .quiet import quiet_libraries
 
 STYLE_NAMES = {"A": "blue_glow", "B": "brush"}
 
@@ -52,21 +55,10 @@ class DemoConfig:
         )
 
 
-def _label(image: Image.Image, text: str) -> Image.Image:
-    canvas = Image.new("RGB", (image.width, image.height + 12), "white")
-    canvas.paste(image, (0, 12))
-    ImageDraw.Draw(canvas).text((2, 0), text, fill="black")
-    return canvas
-
-
 def _grid(rows: list[tuple[str, list[Image.Image]]], size: int) -> Image.Image:
-    tiles = [[_label(image.resize((size, size)), name if column == 0 else "") for column, image in enumerate(images)] for name, images in rows]
-    width, height = tiles[0][0].size
-    grid = Image.new("RGB", (width * len(tiles[0]), height * len(tiles)), "white")
-    for r, row in enumerate(tiles):
-        for c, tile in enumerate(row):
-            grid.paste(tile, (c * width, r * height))
-    return grid
+    """One row per (label, images) setting, each image `size` px, labels in the left margin."""
+    return labelled_grid([image for _, images in rows for image in images], rows=len(rows), cols=len(rows[0][1]),
+                         row_labels=[name for name, _ in rows], tile=size)
 
 
 def median_ms(action, repeats: int = 7) -> float:
@@ -83,7 +75,13 @@ def median_ms(action, repeats: int = 7) -> float:
 
 
 def run_demo(config: DemoConfig) -> dict:
-    """Run every step; returns the results written to results.json."""
+    """Run every step; returns the results written to results.json. The libraries' loading bars and known noise
+    are off meanwhile (`quiet_libraries`): the demo's own bar is the one progress display."""
+    with quiet_libraries():
+        return _run(config)
+
+
+def _run(config: DemoConfig) -> dict:
     from diffusers import StableDiffusionPipeline
     from tqdm.auto import tqdm
 

@@ -567,38 +567,46 @@ class ShiraAdapter:
         metadata = _parse_json(header[METADATA_KEY], f"{source}: metadata '{METADATA_KEY}'")
         return cls.from_state_dict(tensors, metadata, source=source)
 
-    def model_card(self, weight_name: str = SHIRA_WEIGHT_NAME) -> str:
-        """A Hub model card (README.md) describing the adapter and how to load it."""
-        base = self.base_model or "unknown"
+    def model_card(self, weight_name: str = SHIRA_WEIGHT_NAME, *, load_from: str | None = None, license: str | None = None,
+                   local: bool = False) -> str:
+        """The Hub model card (README.md text, built by `cards.adapter_card`) for this adapter saved as `weight_name`.
+
+        `load_from` is where the usage block loads it from: the Hub repo id, or a folder (`local=True`; default: the
+        folder the card is in, "."); `license`
+        defaults to the base model's (read offline) or "other" (see `cards`).
+        Usage: Path("README.md").write_text(adapter.model_card(load_from="me/bluefire", license="openrail"))
+        """
+        from .cards import adapter_card
+
+        mask = f", {self.mask_type} mask" if self.mask_type else ""
         tensors = sum(1 for _ in self.items())
-        return f"""---
-library_name: shira-diffusion
-base_model: {base}
-tags: [shira-diffusion, shira, sparse-adapter, text-to-image, diffusers]
----
-# SHiRA adapter
+        summary = (f"A Sparse High Rank Adapter (SHiRA): {self.num_parameters:,} changed weights in {tensors} "
+                   f"tensor{'s' if tensors != 1 else ''} of {', '.join(self.components)} ({self.density:.2%} of the weights it targets{mask}), default "
+                   f"strength {self.default_alpha:g}. The file is this package's SHiRA format: it loads with "
+                   "[shira-diffusion](https://pypi.org/project/shira-diffusion/)'s `load_shira_weights`.")
+        prompt = self.extra.get("instance_prompt")
+        card = adapter_card("shira", weight_name=weight_name, load_from=load_from or ".", base_model=self.base_model,
+                            title="SHiRA adapter", summary=summary, license=license,
+                            instance_prompt=prompt if isinstance(prompt, str) else None, local=local or load_from is None)
+        return str(card)
 
-Sparse High Rank Adapter for `{base}`: {self.num_parameters:,} parameters in {tensors} tensors of
-{", ".join(self.components)} ({self.density:.2%} of the targeted weights{f", {self.mask_type} mask" if self.mask_type else ""}).
-
-```python
-from shira_diffusion import add_shira_support
-from diffusers import DiffusionPipeline
-
-pipe = add_shira_support(DiffusionPipeline.from_pretrained("{base}"))
-pipe.load_shira_weights("<this repo>", weight_name="{weight_name}", alpha={self.default_alpha})
-```
-"""
-
-    def save_pretrained(self, directory: str | os.PathLike, weight_name: str = SHIRA_WEIGHT_NAME) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, weight_name: str = SHIRA_WEIGHT_NAME, *,
+                        repo_id: str | None = None, license: str | None = None) -> Path:
         """The adapter file plus a README.md model card in `directory`; `weight_name` must be a plain file name
-        (see `checked_weight_name`), so nothing is written outside `directory`.
+        (see `checked_weight_name`), so nothing is written outside `directory`. The card's usage block loads the
+        adapter from `repo_id` when given (where it will be uploaded), else from `directory`.
 
-        Usage: adapter.save_pretrained("out/bluefire")
+        Usage: adapter.save_pretrained("out/bluefire", license="creativeml-openrail-m")
         """
         directory = Path(directory)
-        self.save(directory / checked_weight_name(weight_name))
-        (directory / "README.md").write_text(self.model_card(weight_name))
+        weight_name = checked_weight_name(weight_name)
+        # Built before anything is written: a card that cannot be made leaves no half-saved folder.
+        card = self.model_card(weight_name, load_from=repo_id or str(directory.resolve()), license=license, local=repo_id is None)
+        self.save(directory / weight_name)
+        try:
+            write_atomically(directory / "README.md", lambda temp: Path(temp).write_text(card, encoding="utf-8"))
+        except OSError as error:
+            raise save_error(directory / "README.md", error, "the model card") from None
         return directory
 
     def push_to_hub(
@@ -608,17 +616,20 @@ pipe.load_shira_weights("<this repo>", weight_name="{weight_name}", alpha={self.
         commit_message: str = "Upload SHiRA adapter",
         private: bool | None = None,
         token: str | None = None,
+        license: str | None = None,
     ) -> str:
-        """Upload the adapter file and its model card to a Hub model repo (created if missing).
+        """Upload the adapter file and its model card to a Hub model repo (created if missing); the card's usage
+        block names the repo.
 
         Usage: adapter.push_to_hub("me/bluefire-shira")
         """
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        repo_id = getattr(url, "repo_id", None) or repo_id  # "name" alone becomes "<user>/name" on the Hub
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, weight_name)
+            self.save_pretrained(folder, weight_name, repo_id=repo_id, license=license)
             info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
         return str(info)
 

@@ -443,7 +443,7 @@ class ShiraLoaderMixin(DiffusersVerbsMixin):
             adapter = engine.adapters[adapter_name]
         if adapter.base_model is None:
             adapter = dataclasses.replace(adapter, base_model=getattr(self, "name_or_path", None))
-        folder = adapter.save_pretrained(save_directory, weight_name)
+        folder = adapter.save_pretrained(save_directory, weight_name, repo_id=repo_id if push_to_hub else None)
         if push_to_hub:
             if repo_id is None:
                 raise ValueError("push_to_hub needs repo_id")

@@ -595,7 +595,7 @@ def train(config: TrainingConfig) -> TrainingResult:
     accelerator.wait_for_everyone()
     if config.validation_prompt:
         _validate(config, accelerator, model_path, unet, text_encoders, vae, global_step)
-    adapter_path = _save_adapter(config, accelerator, trainables, is_sdxl, global_step)
+    adapter_path = _save_adapter(config, accelerator, trainables, is_sdxl, global_step, repo_id=hub_repo_id)
     if hub_repo_id is not None:
         _push_to_hub(config, output_dir, hub_repo_id)
     accelerator.end_training()
@@ -676,6 +676,8 @@ def _validate(config, accelerator, model_path, unet, text_encoders, vae, step) -
         return []
     from diffusers import DiffusionPipeline
 
+    from .quiet import quiet_libraries
+
     extra = {"text_encoder": accelerator.unwrap_model(text_encoders[0])}
     if len(text_encoders) > 1:
         extra["text_encoder_2"] = accelerator.unwrap_model(text_encoders[1])
@@ -683,7 +685,8 @@ def _validate(config, accelerator, model_path, unet, text_encoders, vae, step) -
     kwargs = {"unet": accelerator.unwrap_model(unet), "vae": vae, "revision": config.revision, "variant": config.variant}
     if "safety_checker" in DiffusionPipeline.load_config(model_path, revision=config.revision):
         kwargs.update(safety_checker=None, requires_safety_checker=False)  # images for the log: skip loading the checker
-    pipe = DiffusionPipeline.from_pretrained(model_path, **kwargs, **extra)
+    with quiet_libraries():  # no loading bars inside the training bar
+        pipe = DiffusionPipeline.from_pretrained(model_path, **kwargs, **extra)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
     with accelerator.autocast():  # the hook impl keeps an fp32 UNet next to an fp16 VAE
@@ -705,7 +708,7 @@ def _validate(config, accelerator, model_path, unet, text_encoders, vae, step) -
     return images
 
 
-def _save_adapter(config, accelerator, trainables, is_sdxl, step) -> Path:
+def _save_adapter(config, accelerator, trainables, is_sdxl, step, repo_id: str | None = None) -> Path:
     """output_dir/shira_weights.safetensors (ShiraAdapter.save) or pytorch_lora_weights.safetensors, + card."""
     output_dir = Path(config.output_dir)
     path = output_dir / (SHIRA_WEIGHT_NAME if config.adapter == "shira" else LORA_WEIGHT_NAME)
@@ -737,7 +740,7 @@ def _save_adapter(config, accelerator, trainables, is_sdxl, step) -> Path:
             write_atomically(path, lambda temp: os.replace(staging / LORA_WEIGHT_NAME, temp))  # synced, then renamed
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    _write_model_card(config, output_dir, path, step, sum(t.num_parameters for t in trainables.values()))
+    _write_model_card(config, output_dir, path, step, sum(t.num_parameters for t in trainables.values()), repo_id=repo_id)
     return path
 
 
@@ -769,47 +772,60 @@ def _push_to_hub(config: TrainingConfig, output_dir: Path, repo_id: str) -> str:
                           f"{output_dir}, upload it with `hf upload {repo_id} {output_dir}`") from None
 
 
-def _write_model_card(config: TrainingConfig, output_dir: Path, adapter_path: Path, step: int, parameters: int) -> None:
+def _write_samples_grid(config: TrainingConfig, output_dir: Path, step: int) -> list:
+    """output_dir/samples.png: the last validation round's images (step `step`) in one grid (grids.image_grid, so
+    never above PIL's pixel limit); returns them as the card's gallery (cards.Sample), [] when there are none."""
     from PIL import Image
 
-    images = sorted((output_dir / "validation").glob(f"step-{step:06d}-*.png"))
-    grid_line = ""
-    if images:
-        tiles = [Image.open(p) for p in images]
-        grid = Image.new("RGB", (sum(t.width for t in tiles), max(t.height for t in tiles)))
-        x = 0
-        for tile in tiles:
-            grid.paste(tile, (x, 0))
-            x += tile.width
-        write_atomically(output_dir / "samples.png", lambda temp: grid.save(temp, format="PNG"))
-        grid_line = f"\n![samples](samples.png)\n\nPrompt: `{config.validation_prompt}`\n"
+    from .cards import Sample
+    from .grids import image_grid
+
+    paths = sorted((output_dir / "validation").glob(f"step-{step:06d}-*.png"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    if not paths:
+        return []
+    tiles = []
+    for path in paths:
+        with Image.open(path) as image:
+            tiles.append(image.convert("RGB"))
+    grid = image_grid(tiles)
+    write_atomically(output_dir / "samples.png", lambda temp: grid.save(temp, format="PNG"))
+    return [Sample(config.validation_prompt, f"validation/{path.name}") for path in paths]
+
+
+def _write_model_card(config: TrainingConfig, output_dir: Path, adapter_path: Path, step: int, parameters: int,
+                      repo_id: str | None = None) -> None:
+    """output_dir/README.md (cards.adapter_card) and samples.png. The usage block loads the adapter from `repo_id`
+    (the Hub repo --push_to_hub made), else --hub_model_id when it names the owner, else from output_dir."""
+    from .cards import adapter_card
+
+    samples = _write_samples_grid(config, output_dir, step)
+    if repo_id is None and config.push_to_hub and config.hub_model_id and "/" in config.hub_model_id:
+        repo_id = config.hub_model_id  # without an owner, only the Hub knows the full id ("<user>/name")
+    targets = ", ".join(config.target_modules or UNET_TARGETS) + (" + all Conv2d" if config.target_conv else "")
     if config.adapter == "shira":
         budget = f"r={config.shira_r} budget" if config.shira_r else f"density {config.density}"
         kind = f"SHiRA ({config.mask} mask, {budget}, {config.impl} impl)"
-        usage = f'pipe.load_shira_weights("{adapter_path.name}")'
+        summary = (f"A {kind} style adapter trained with shira-diffusion: {parameters:,} trainable parameters. The file is "
+                   "shira-diffusion's SHiRA format and loads with its `load_shira_weights` (below).")
     else:
         kind = f"LoRA (rank {config.rank})"
-        usage = f'pipe.load_lora_weights(".", weight_name="{adapter_path.name}")'
-    targets = ", ".join(config.target_modules or UNET_TARGETS) + (" + all Conv2d" if config.target_conv else "")
-    card = f"""---
-library_name: shira-diffusion
-base_model: {config.pretrained_model_name_or_path}
-tags: [shira-diffusion, text-to-image, diffusers, {config.adapter}]
----
-# {kind} style adapter
-
-- base model: `{config.pretrained_model_name_or_path}`
-- instance / trigger prompt: {config.instance_prompt or '(per-image captions)'}
-- adapter: {kind}, {parameters:,} trainable parameters
-- mask: {config.mask if config.adapter == 'shira' else '-'}; density: {(config.density if not config.shira_r else f'r={config.shira_r}') if config.adapter == 'shira' else '-'}
-- targets: UNet {targets}{' + text encoder(s) q/k/v/out_proj, fc1, fc2' if config.train_text_encoder else ''}
-- steps: {step}, learning rate {config.learning_rate} ({config.lr_scheduler}), batch {config.train_batch_size} x {config.gradient_accumulation_steps} accumulation, resolution {config.resolution}, seed {config.seed}
-{grid_line}
-```python
-{usage}
-```
-"""
-    write_atomically(output_dir / "README.md", lambda temp: Path(temp).write_text(card))
+        summary = (f"A {kind} style adapter, the baseline shira-diffusion trains in the same loop and settings as SHiRA: "
+                   f"{parameters:,} trainable parameters. The file is a plain diffusers LoRA file: diffusers' "
+                   "`load_lora_weights` loads it (below).")
+    details = [
+        f"adapter: {kind}, {parameters:,} trainable parameters",
+        f"targets: UNet {targets}" + (" + text encoder(s) q/k/v/out_proj, fc1, fc2" if config.train_text_encoder else ""),
+        f"steps: {step}, learning rate {config.learning_rate} ({config.lr_scheduler}), batch {config.train_batch_size} x "
+        f"{config.gradient_accumulation_steps} accumulation, resolution {config.resolution}, seed {config.seed}",
+        f"captions: {'instance prompt `' + config.instance_prompt + '` where an image has none' if config.instance_prompt else 'per image'}",
+    ]
+    card = adapter_card(
+        config.adapter, weight_name=adapter_path.name, load_from=repo_id or str(output_dir.resolve()),
+        base_model=config.pretrained_model_name_or_path, title=f"{kind} style adapter", summary=summary, details=details,
+        license=getattr(config, "license", None),  # a --license flag is not in TrainingConfig yet: the base's, else "other"
+        instance_prompt=config.instance_prompt, samples=samples, grid="samples.png" if samples else None, local=repo_id is None,
+    )
+    write_atomically(output_dir / "README.md", lambda temp: card.save(temp))
 
 
 def config_from_dict(values: dict) -> TrainingConfig:

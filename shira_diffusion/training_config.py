@@ -83,6 +83,7 @@ class TrainingConfig:
     dataloader_num_workers: int = 0
     push_to_hub: bool = False
     hub_model_id: str | None = None
+    license: str | None = None
     hub_token: str | None = None
     adapter: str = "shira"
     mask: str = "snip"

@@ -133,3 +133,56 @@ def test_demo_checks_the_hps_checkpoint_before_training(model, tmp_path, capsys,
     assert time.perf_counter() - start < 20 and not any((tmp_path / d).exists() for d in ("d1", "d2", "d3"))
     scorer, note = demo._prepare_scorer(demo.DemoConfig(model=str(model / "model"), hps_checkpoint=str(checkpoint)).resolved())
     assert note is None and scorer.device.type == "cpu" and scorer.checkpoint == str(checkpoint)
+
+
+def test_every_eval_flag_has_help():
+    import argparse
+
+    from shira_diffusion.cli import evaluate
+
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    missing = [action.option_strings or action.dest for action in parser._actions if not (action.help or "").strip() or action.help == argparse.SUPPRESS]
+    assert not missing, f"flags without help: {missing}"
+    assert len(parser._actions) > 20
+
+
+def test_eval_without_the_eval_extra_is_one_error_line(model, tmp_path, capsys, monkeypatch, checkpoint):  # noqa: F811
+    import sys
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # `import open_clip` fails, as without shira-diffusion[eval]
+    assert main(_eval(model, tmp_path / "out", "--hps_checkpoint", str(checkpoint), "--hps_model", "tiny-hps")) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: HPSv2 scoring needs the eval extra") and 'pip install "shira-diffusion[eval]"' in err and "--no_score" in err
+    assert not (tmp_path / "out").exists()
+    assert main(_eval(model, tmp_path / "out", "--no_score")) == 0  # generating needs no open_clip
+
+
+def test_reports_carry_the_checkpoints_real_version(model, tmp_path, capsys, checkpoint):  # noqa: F811
+    import json
+    import shutil
+
+    v20 = tmp_path / "ckpt" / "HPS_v2_compressed.pt"
+    v20.parent.mkdir()
+    shutil.copy(checkpoint, v20)
+    assert main(_eval(model, tmp_path / "out", "--hps_checkpoint", str(v20), "--hps_model", "tiny-hps")) == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    assert records and {r["hps_version"] for r in records} == {"v2.0"}
+    assert (tmp_path / "out" / "summary.md").read_text().startswith("HPSv2 v2.0 x 100")
+    assert json.loads((tmp_path / "out" / "run_settings.json").read_text())["hps"]["version"] == "v2.0"
+    capsys.readouterr()
+    assert main(_eval(model, tmp_path / "other", "--hps_checkpoint", str(v20), "--hps_version", "v2.1", "--hps_model", "tiny-hps")) == 2
+    assert "the official HPS v2.0 checkpoint (HPS_v2_compressed.pt), but version v2.1 was asked for (--hps_version)" in _error(capsys)
+    assert not (tmp_path / "other").exists()
+
+    renamed = tmp_path / "ckpt" / "my-hps.pt"
+    shutil.copy(checkpoint, renamed)
+    assert main(_eval(model, tmp_path / "guess", "--hps_checkpoint", str(renamed), "--hps_model", "tiny-hps")) == 0
+    assert "note: HPS version v2.1 assumed: my-hps.pt is not an official file name" in capsys.readouterr().err
+    assert "Note: HPS version v2.1 is assumed, not known: the checkpoint my-hps.pt" in (tmp_path / "guess" / "summary.md").read_text()
+    # stating the version confirms the guess: the run resumes (nothing redone) and the note goes
+    assert main(_eval(model, tmp_path / "guess", "--hps_checkpoint", str(renamed), "--hps_model", "tiny-hps", "--hps_version", "v2.1")) == 0
+    assert "0 images generated, 0 scored" in capsys.readouterr().out
+    assert "assumed" not in (tmp_path / "guess" / "summary.md").read_text()
+    assert json.loads((tmp_path / "guess" / "run_settings.json").read_text())["hps"]["version_source"] == "given"

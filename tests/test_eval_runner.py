@@ -191,3 +191,104 @@ def test_bad_adapter_paths_and_records_name_the_file(files, pipe, tmp_path):
     (tmp_path / "out" / "records.jsonl").write_text('{"key": "base|0|0|0"}\n')
     with pytest.raises(ValueError, match="has no run_settings.json next to it"):
         run_evaluation(pipe, {}, PROMPTS, out_dir=tmp_path / "out", **FAST)
+
+
+def _find_tile(grid: np.ndarray, tile: np.ndarray) -> tuple[int, int] | None:
+    """(x, y) of an exact copy of `tile` in `grid`, or None."""
+    h, w = tile.shape[:2]
+    for y, x in zip(*np.nonzero(np.all(grid[: grid.shape[0] - h + 1, : grid.shape[1] - w + 1] == tile[0, 0], axis=-1))):
+        if np.array_equal(grid[y : y + h, x : x + w], tile):
+            return int(x), int(y)
+    return None
+
+
+def test_grids_stay_under_pils_pixel_limit_and_are_labelled(files, pipe, tmp_path, monkeypatch):
+    import warnings
+
+    limit = 20_000
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)  # small, so that a tiny run needs splitting
+    adapters = {"a": files / "a.safetensors", "b": files / "b.safetensors"}
+    seeds = [0, 1, 2, 3]
+    result = run_evaluation(pipe, adapters, PROMPTS, out_dir=tmp_path, fusions=[Fusion.parse("a+b:0.7,0.5")],
+                            **{**FAST, "seeds": seeds, "alphas": (1.0, 0.5)})
+    rows = 1 + 2 * 3  # base + per alpha: a, b, a+b
+    assert len(result.records) == rows * len(seeds) and rows * 32 * len(seeds) * 32 > limit  # one unlabelled grid would not fit
+    grids = sorted((tmp_path / "grids").iterdir())
+    assert len(grids) > 1 and all(re.fullmatch(r"prompt000-part\d+of\d+\.png", g.name) for g in grids)
+    found = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # a grid past the limit fails here
+        arrays = []
+        for grid in grids:
+            with Image.open(grid) as image:
+                image.load()
+                assert image.width * image.height <= limit
+                arrays.append(np.asarray(image.convert("RGB")))
+    for record in result.records:
+        tile = np.asarray(Image.open(tmp_path / record["image"]).convert("RGB"))
+        found[record["key"]] = [(n, spot) for n, grid in enumerate(arrays) if (spot := _find_tile(grid, tile)) is not None]
+    assert all(found.values()), [k for k, v in found.items() if not v]  # every image is in a grid
+    for number, grid in enumerate(arrays):
+        spots = [spot for places in found.values() for n, spot in places if n == number]
+        left, top = min(x for x, _ in spots), min(y for _, y in spots)
+        assert left > 20 and top > 10  # margins for the row and column labels
+        assert (grid[:top] < 100).any() and (grid[top:, :left] < 100).any()  # dark label text in both margins
+
+
+def test_grid_layout_at_paper_scale_fits_pils_default_limit():
+    from shira_diffusion.evaluation import grid_layout
+    from shira_diffusion.evaluation.runner import GRID_SEEDS, PIL_DEFAULT_MAX_PIXELS
+
+    rows, seeds, margin = 13, 30, (260, 44)  # base + 3 alphas x (3 adapters + 1 fusion), 30 seeds, 512 px
+    assert rows * 512 * seeds * 512 > PIL_DEFAULT_MAX_PIXELS  # the unlabelled single grid of before
+    per_file, seeds_per_file, tile = grid_layout(rows, seeds, (512, 512), margin, PIL_DEFAULT_MAX_PIXELS)
+    assert (margin[0] + seeds_per_file * tile[0]) * (margin[1] + per_file * tile[1]) <= PIL_DEFAULT_MAX_PIXELS
+    assert seeds_per_file == GRID_SEEDS and per_file == rows and tile == (256, 256)
+    per_file, seeds_per_file, tile = grid_layout(400, 30, (768, 512), margin, 2_000_000)  # many settings, a low limit
+    assert (margin[0] + seeds_per_file * tile[0]) * (margin[1] + per_file * tile[1]) <= 2_000_000 and tile == (256, 171)
+
+
+def test_known_third_party_noise_is_silenced_only_while_loading_and_one_bar_shows(files, pipe, tmp_path):
+    import logging
+    import warnings
+
+    from diffusers import StableDiffusionPipeline
+
+    from shira_diffusion.quiet import quiet_libraries
+
+    second = tiny_pipeline("sd")
+    second.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k"], init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora2", unet_lora_layers=get_peft_model_state_dict(second.unet))
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("diffusers").addHandler(handler)  # diffusers' loggers do not propagate to the root logger
+    pipe.set_progress_bar_config(desc="users own")
+    seen_config = []
+    original = type(pipe).__call__
+
+    def recording(self, *args, **kwargs):
+        seen_config.append(dict(self._progress_bar_config))
+        return original(self, *args, **kwargs)
+
+    type(pipe).__call__ = recording
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_evaluation(pipe, {"l1": files / "lora", "l2": tmp_path / "lora2"}, PROMPTS, out_dir=tmp_path / "out", **FAST)
+            noisy = [str(w.message) for w in caught] + messages
+            assert not [m for m in noisy if "No LoRA keys associated" in m or "Already found a `peft_config`" in m], noisy
+            count = len(caught)
+            with quiet_libraries():  # only those messages: others from the same sources still show
+                logging.getLogger("diffusers.loaders.lora_base").warning("No LoRA keys associated to UNet2DConditionModel found with the prefix='unet'")
+                warnings.warn("a different peft warning", UserWarning)
+            logging.getLogger("diffusers.loaders.peft").warning("No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'")
+            warnings.warn("Already found a `peft_config` attribute in the model.", UserWarning)  # restored after the block
+            after = [str(w.message) for w in caught[count:]]
+    finally:
+        type(pipe).__call__ = original
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert "prefix='unet'" in messages[-2] and "prefix='text_encoder'" in messages[-1]
+    assert after == ["a different peft warning", "Already found a `peft_config` attribute in the model."]
+    assert seen_config and all(config == {"desc": "users own", "disable": True} for config in seen_config)  # one bar: the runner's
+    assert pipe._progress_bar_config == {"desc": "users own"}  # the user's configuration is back

@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,8 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
 from shira_diffusion.cli import main
-from shira_diffusion.evaluation import Fusion, HPSv2Scorer, Prompt, load_prompts, preprocess, run_evaluation, summarize_records
+from shira_diffusion.evaluation import (Fusion, HPSv2Scorer, MissingExtraError, Prompt, load_prompts, preprocess, resolve_version, run_evaluation,
+                                        search_dirs, summarize_records, version_of_file)
 from shira_diffusion.testing import tiny_pipeline
 
 from .helpers import random_adapter
@@ -80,15 +83,118 @@ def test_scores_are_100_cosine_and_independent_of_batch_size(checkpoint, scorer)
         scorer.score(images[:2], ["a", "b", "c"])
 
 
-def test_missing_checkpoint_offline_names_file_and_repo(monkeypatch, tmp_path):
-    import huggingface_hub.constants
+@pytest.fixture()
+def no_hub(monkeypatch, tmp_path):
+    """HOME and HPS_ROOT in tmp_path; hf_hub_download refuses (and counts its calls)."""
+    import huggingface_hub
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(FileNotFoundError, match=r"HPS_v2\.1_compressed\.pt is not available.*xswu/HPSv2"):
-        HPSv2Scorer(cache_dir=str(tmp_path))
+    calls = []
+
+    def refuse(repo, filename, **kwargs):
+        calls.append((repo, filename))
+        raise huggingface_hub.errors.LocalEntryNotFoundError(f"{filename} is not cached")
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HPS_ROOT", str(tmp_path / "root"))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    return calls
+
+
+def test_missing_checkpoint_names_the_folders_the_hf_command_and_the_flag(no_hub, monkeypatch, tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        HPSv2Scorer(model_name="tiny-hps")
+    message = str(error.value)
+    for part in ("HPS_v2.1_compressed.pt not found", f"$HPS_ROOT ({tmp_path / 'root'})", f"~/.cache/hpsv2 ({tmp_path / 'home' / '.cache' / 'hpsv2'})",
+                 "`hf download xswu/HPSv2 HPS_v2.1_compressed.pt`", "--hps_checkpoint PATH"):
+        assert part in message, part
+    assert "huggingface-cli" not in message and no_hub == [("xswu/HPSv2", "HPS_v2.1_compressed.pt")]
+    monkeypatch.delenv("HPS_ROOT")
+    with pytest.raises(FileNotFoundError, match=r"\$HPS_ROOT \(not set\).*`hf download xswu/HPSv2 HPS_v2_compressed.pt`"):
+        HPSv2Scorer(version="v2.0", model_name="tiny-hps")
+    assert search_dirs() == [tmp_path / "home" / ".cache" / "hpsv2"]
     with pytest.raises(FileNotFoundError, match="nope.pt: no such HPSv2 checkpoint"):
         HPSv2Scorer(tmp_path / "nope.pt")
+
+
+def test_official_folders_are_searched_before_the_hub(checkpoint, no_hub, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    home_copy = tmp_path / "home" / ".cache" / "hpsv2" / "HPS_v2.1_compressed.pt"
+    home_copy.parent.mkdir(parents=True)
+    shutil.copy(checkpoint, home_copy)
+    assert HPSv2Scorer(model_name="tiny-hps").checkpoint == str(home_copy)
+    root_copy = tmp_path / "root" / "HPS_v2.1_compressed.pt"
+    root_copy.parent.mkdir()
+    shutil.copy(checkpoint, root_copy)
+    assert HPSv2Scorer(model_name="tiny-hps").checkpoint == str(root_copy)  # $HPS_ROOT first, as the official package
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "root" / "HPS_v2_compressed.safetensors")
+    v20 = HPSv2Scorer(version="v2.0", model_name="tiny-hps")
+    assert v20.checkpoint == str(tmp_path / "root" / "HPS_v2_compressed.safetensors") and v20.version == "v2.0"
+    assert no_hub == []  # found locally: the Hub was never asked
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, **kw: str(checkpoint))  # the Hub cache
+    root_copy.unlink()
+    home_copy.unlink()
+    assert HPSv2Scorer(model_name="tiny-hps").checkpoint == str(checkpoint)
+
+
+def test_version_comes_from_official_file_names_and_a_contradiction_is_an_error(checkpoint, tmp_path):
+    assert [version_of_file(n) for n in ("a/HPS_v2_compressed.pt", "HPS_v2.1_compressed.pt", "HPS_v2_compressed.safetensors",
+                                         "HPS_v2.1_compressed.safetensors", "hps.pt", "HPS_v2.pt")] == ["v2.0", "v2.1", "v2.0", "v2.1", None, None]
+    v20 = tmp_path / "HPS_v2_compressed.pt"
+    shutil.copy(checkpoint, v20)
+    scorer = HPSv2Scorer(v20, model_name="tiny-hps")
+    assert (scorer.version, scorer.version_source, scorer.version_note) == ("v2.0", "file name", None)
+    assert HPSv2Scorer(v20, version="v2.0", model_name="tiny-hps").version_source == "given"
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "HPS_v2_compressed.pt").write_bytes(b"not even a checkpoint")  # refused before it is read
+    with pytest.raises(ValueError, match=r"HPS_v2_compressed.pt: the official HPS v2.0 checkpoint .* but version v2.1 was asked for \(--hps_version\)"):
+        HPSv2Scorer(tmp_path / "junk" / "HPS_v2_compressed.pt", version="v2.1", model_name="tiny-hps")
+    with pytest.raises(ValueError, match=r"must be one of \['v2.0', 'v2.1'\].*got 'v2'"):
+        resolve_version(None, "v2")
+    unofficial = tmp_path / "my-hps.pt"
+    shutil.copy(checkpoint, unofficial)
+    guessed = HPSv2Scorer(unofficial, model_name="tiny-hps")
+    assert (guessed.version, guessed.version_source) == ("v2.1", "assumed")
+    assert "v2.1 assumed: my-hps.pt is not an official file name" in guessed.version_note and "--hps_version" in guessed.version_note
+    stated = HPSv2Scorer(unofficial, version="v2.0", model_name="tiny-hps")
+    assert (stated.version, stated.version_source, stated.version_note) == ("v2.0", "given", None)
+    assert resolve_version(None, None) == ("v2.1", "default")
+
+
+def test_missing_open_clip_is_a_user_error_naming_the_extra(monkeypatch, checkpoint):
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # `import open_clip` now fails, as without the extra
+    with pytest.raises(MissingExtraError, match=r'HPSv2 scoring needs the eval extra .*pip install "shira-diffusion\[eval\]"') as error:
+        HPSv2Scorer(checkpoint, model_name="tiny-hps")
+    assert isinstance(error.value, ValueError) and isinstance(error.value, ImportError)  # the CLI reports ValueErrors
+
+
+def test_score_takes_an_image_a_path_or_a_list_of_both(scorer, tmp_path):
+    rng = np.random.default_rng(2)
+    images = [Image.fromarray(rng.integers(0, 256, (48, 40 + 9 * i, 3), dtype=np.uint8)) for i in range(3)]
+    images[0].save(tmp_path / "zero.png")
+    images[1].save(tmp_path / "one.png")
+    reference = scorer.score(images, "a fox")
+    single = scorer.score(images[0], "a fox")
+    assert isinstance(single, list) and single == pytest.approx(reference[:1], abs=1e-5)
+    assert scorer.score(str(tmp_path / "zero.png"), "a fox") == pytest.approx(reference[:1], abs=1e-5)
+    assert scorer.score(tmp_path / "one.png", ["a fox"]) == pytest.approx(reference[1:2], abs=1e-5)
+    mixed = scorer.score([str(tmp_path / "zero.png"), tmp_path / "one.png", images[2]], "a fox")
+    assert mixed == pytest.approx(reference, abs=1e-5)
+    per_image = scorer.score([tmp_path / "zero.png", images[1]], ["a fox", "a koala"])
+    assert per_image[0] == pytest.approx(reference[0], abs=1e-5) and per_image[1] != pytest.approx(reference[1], abs=1e-5)
+    assert scorer.score([], "a fox") == []
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        scorer.score([images[0], tmp_path / "missing.png"], "a fox")
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(OSError, match="text.png"):
+        scorer.score(tmp_path / "text.png", "a fox")
+    with pytest.raises(TypeError, match="image 1: expected a PIL image or a file path, got int"):
+        scorer.score([images[0], 3], "a fox")
+    with pytest.raises(ValueError, match="1 images but 2 prompts"):
+        scorer.score(images[0], ["a", "b"])
 
 
 class _Payload:

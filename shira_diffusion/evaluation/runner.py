@@ -16,7 +16,14 @@ Under `accelerate launch` each process takes a share of the work and the main pr
 
 Outputs in `out_dir`: `images/`, `records.jsonl` and `records.csv` (one row per image), `summary.md` and
 `summary.csv` (mean ± std of HPS x 100 per setting and alpha; std over images, ddof=1), `grids/`
-(one PNG per prompt: rows = settings, columns = seeds), `score_vs_alpha.png` and `run_settings.json`.
+(per prompt: rows = settings with their alpha, columns = seeds, labelled on a margin; tiles at most
+GRID_TILE px, at most GRID_SEEDS seeds per file and more files when one would pass PIL's
+Image.MAX_IMAGE_PIXELS, so every grid opens with PIL), `score_vs_alpha.png` and `run_settings.json`.
+
+While it runs, the pipeline's own denoising bar is off (the run's "images" bar is the one display) and two
+third-party messages the user cannot act on are dropped: diffusers' "No LoRA keys associated to CLIPTextModel
+found with the prefix='text_encoder'" (a UNet-only LoRA) and PEFT's "Already found a `peft_config` attribute"
+(a second LoRA in the same model). Both are restored afterwards; nothing else is filtered.
 
 Usage:
     result = run_evaluation(pipe, {"bluefire": "bluefire.safetensors"}, load_prompts("prompts.json"),
@@ -31,7 +38,8 @@ import json
 import math
 import shutil
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +48,9 @@ import torch
 from PIL import Image
 
 from ..diffusers_verbs import lora_only
+from ..quiet import quiet_libraries
 from ..format import METADATA_KEY, SHIRA_WEIGHT_NAME
+from .hps import require_extra
 from .prompts import Prompt
 
 BASE = "base"
@@ -50,8 +60,10 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 RESERVED = set("+@,:|/\\= ")  # characters that would make labels, keys or image paths ambiguous
 FLOAT32_MAX = 3.4028234663852886e38  # strengths are applied to float32 (or narrower) weights
 OUTPUTS = ("records.jsonl", "records.csv", "summary.md", "summary.csv", "score_vs_alpha.png", SETTINGS_NAME)
-
-
+GRID_TILE = 256  # longest tile side in grids: they are for looking over a run; the full-size images are in images/
+GRID_SEEDS = 10  # seeds (columns) per grid file at most: wider grids are unreadable on a screen
+GRID_PAD = 4  # px around grid labels
+PIL_DEFAULT_MAX_PIXELS = 89_478_485  # Image.MAX_IMAGE_PIXELS as Pillow ships it; used when a user set it to None
 @dataclass(frozen=True)
 class Fusion:
     """Several adapters active together, e.g. Fusion(("bluefire", "paintings"), (0.7, 0.5)); alpha scales all."""
@@ -203,6 +215,8 @@ def _scorer_settings(scorer) -> dict | None:
     if scorer is None:
         return None
     settings = {"scorer": type(scorer).__name__, "version": getattr(scorer, "version", None), "model": getattr(scorer, "model_name", None)}
+    if getattr(scorer, "version_source", None):  # 'file name', 'given', 'default' or 'assumed' (see hps.py)
+        settings["version_source"] = scorer.version_source
     checkpoint = getattr(scorer, "checkpoint", None)
     if checkpoint is not None:
         settings["checkpoint"] = Path(checkpoint).name
@@ -227,9 +241,10 @@ def _differences(stored: Mapping, current: Mapping) -> list[str]:
         before = stored.get(key)
         if key == "adapters":
             out += [f"adapter {n}: the file changed" for n in now if n in (before or {}) and before[n] != now[n]]
-        elif key == "hps":
-            if before and now and before != now:
-                out += [f"hps {k}: {before.get(k)!r} before, {now.get(k)!r} now" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        elif key == "hps":  # how the version was decided is not part of the results: a guess confirmed later is fine
+            if before and now:
+                out += [f"hps {k}: {before.get(k)!r} before, {now.get(k)!r} now" for k in sorted(set(before) | set(now))
+                        if k != "version_source" and before.get(k) != now.get(k)]
         elif isinstance(now, dict) and isinstance(before, dict):
             out += [f"{key} {k}: {before.get(k)!r} before, {now.get(k)!r} now" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
         elif before != now:
@@ -281,7 +296,8 @@ def _prepare_out_dir(out_dir: Path, current: dict, prompts: Sequence[Prompt], ov
             f"{out_dir} holds results made with other settings ({'; '.join(problems)}): use a new output folder "
             "(--output_dir), or --overwrite / overwrite=True to discard them"
         )
-    merged = {**current, "adapters": {**stored.get("adapters", {}), **current["adapters"]}, "hps": stored.get("hps") or current["hps"]}
+    # the scorer settings of this call when it has one (they equal the stored ones, bar a now-confirmed version)
+    merged = {**current, "adapters": {**stored.get("adapters", {}), **current["adapters"]}, "hps": current["hps"] or stored.get("hps")}
     return done, merged
 
 
@@ -294,6 +310,19 @@ def _clear_outputs(out_dir: Path) -> None:
     for folder in ("images", "grids"):
         if (out_dir / folder).is_dir():
             shutil.rmtree(out_dir / folder)
+
+
+@contextmanager
+def pipeline_bar_off(pipe) -> Iterator[None]:
+    """The pipeline's per-image denoising bar off inside the block (the caller shows its own), then its
+    configuration as before. Usage: with pipeline_bar_off(pipe): pipe(prompt)"""
+    # diffusers keeps the configuration in `_progress_bar_config` and has no getter; absent means the default {}
+    before = dict(getattr(pipe, "_progress_bar_config", None) or {})
+    pipe.set_progress_bar_config(**{**before, "disable": True})
+    try:
+        yield
+    finally:
+        pipe.set_progress_bar_config(**before)
 
 
 class _PipeState:
@@ -322,7 +351,8 @@ class _PipeState:
                 self.shira_loaded.append(name)
             else:
                 self.lora_loaded = True  # set first: a half-done load is cleaned up too
-                self.pipe.load_lora_weights(str(path), adapter_name=name)
+                with quiet_libraries():  # UNet-only LoRA files; several LoRAs in one UNet
+                    self.pipe.load_lora_weights(str(path), adapter_name=name)
 
     def activate(self, strengths: Mapping[str, float]) -> None:
         shira = {n: s for n, s in strengths.items() if self.kinds[n] == "shira"}
@@ -386,6 +416,8 @@ def run_evaluation(
     state = PartialState()
     current = _run_settings(pipe, model_id, num_inference_steps, guidance_scale, height, width, files, scorer, extra_settings)
     done, settings = _prepare_out_dir(out_dir, current, prompts, overwrite)  # every process checks, before any write
+    if scorer is not None or any(r.get("score") is not None for r in done.values()):  # the plot: checked now, not after hours
+        require_extra("matplotlib", "the evaluation's score-vs-alpha plot")
     state.wait_for_everyone()
     if state.is_main_process:
         if overwrite:
@@ -407,7 +439,7 @@ def run_evaluation(
     new_records, generated = [], 0
     try:
         pipe_state.load()
-        with state.split_between_processes(work) as share:
+        with state.split_between_processes(work) as share, pipeline_bar_off(pipe):
             progress = tqdm(total=len(share), desc="images", disable=not state.is_local_main_process)
             by_setting: dict[tuple, list] = {}
             for item in share:
@@ -458,7 +490,7 @@ def run_evaluation(
         (out_dir / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in everything))  # all, for later runs
         result.records = [r for r in everything if r["key"] in requested]  # the reports cover what this call asked for
         result.summary = summarize_records(result.records)
-        write_reports(out_dir, result.records, result.summary, prompts, seeds)
+        write_reports(out_dir, result.records, result.summary, prompts, seeds, note=_version_note(settings.get("hps")))
     state.wait_for_everyone()
     return result
 
@@ -477,9 +509,18 @@ def summarize_records(records: Sequence[Mapping]) -> list[dict]:
     ]
 
 
-def summary_markdown(records: Sequence[Mapping], summary: Sequence[Mapping]) -> str:
+def _version_note(hps: Mapping | None) -> str | None:
+    """The line summary.md adds when the HPS version was not known but assumed (an unofficial file name)."""
+    if not hps or hps.get("version_source") != "assumed":
+        return None
+    return (f"HPS version {hps.get('version')} is assumed, not known: the checkpoint {hps.get('checkpoint')} does not have an "
+            "official file name (HPS_v2_compressed.pt = v2.0, HPS_v2.1_compressed.pt = v2.1). Pass --hps_version to state it.")
+
+
+def summary_markdown(records: Sequence[Mapping], summary: Sequence[Mapping], note: str | None = None) -> str:
     """The paper-format table: rows = settings, columns = alpha (the base score in each column); a plain note
-    when nothing is scored. Usage: text = summary_markdown(result.records, result.summary)"""
+    when nothing is scored; `note` (e.g. an assumed HPS version) goes under the title.
+    Usage: text = summary_markdown(result.records, result.summary)"""
     if not summary:
         return (f"No HPSv2 scores yet: {len(records)} images were generated without scoring (--no_score). "
                 "Run the same command with a scorer (--hps_checkpoint, or the default checkpoint) to score them.\n")
@@ -489,6 +530,8 @@ def summary_markdown(records: Sequence[Mapping], summary: Sequence[Mapping]) -> 
     version = next((r.get("hps_version") for r in records if r.get("hps_version")), None)
     unscored = sum(r.get("score") is None for r in records)
     lines = [f"HPSv2{f' {version}' if version else ''} x 100, mean ± std over images (n per cell in summary.csv)", ""]
+    if note:
+        lines[1:1] = ["", f"Note: {note}"]
     columns = [f"α={a:g}" for a in alphas] or ["score"]
     lines.append("| adapters | " + " | ".join(columns) + " |")
     lines.append("|---|" + "---|" * len(columns))
@@ -502,8 +545,10 @@ def summary_markdown(records: Sequence[Mapping], summary: Sequence[Mapping]) -> 
     return "\n".join(lines) + "\n"
 
 
-def write_reports(out_dir: Path, records: Sequence[Mapping], summary: Sequence[Mapping], prompts: Sequence[Prompt], seeds: Sequence[int]) -> None:
-    """records.csv, summary.md / .csv (paper format: rows = adapter sets, columns = alpha), grids, plot."""
+def write_reports(out_dir: Path, records: Sequence[Mapping], summary: Sequence[Mapping], prompts: Sequence[Prompt], seeds: Sequence[int],
+                  note: str | None = None) -> None:
+    """records.csv, summary.md / .csv (paper format: rows = adapter sets, columns = alpha), grids, plot.
+    Usage: write_reports(Path("eval"), result.records, result.summary, prompts, seeds)"""
     columns = ["prompt", "prompt_index", "concept", "seen", "seed", "alpha", "adapters", "weights", "hps_version", "model", "steps", "guidance", "score", "image"]
     with open(out_dir / "records.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, columns, extrasaction="ignore")
@@ -514,31 +559,125 @@ def write_reports(out_dir: Path, records: Sequence[Mapping], summary: Sequence[M
         writer = csv.DictWriter(handle, ["adapters", "alpha", "n", "mean", "std"])
         writer.writeheader()
         writer.writerows(summary)
-    (out_dir / "summary.md").write_text(summary_markdown(records, summary))
-    _write_grids(out_dir, records, len(prompts), seeds)
+    (out_dir / "summary.md").write_text(summary_markdown(records, summary, note))
+    write_grids(out_dir, records, prompts, seeds)
     if summary:  # images generated without scoring have nothing to plot
         _write_plot(out_dir, summary)
 
 
-def _write_grids(out_dir: Path, records: Sequence[Mapping], prompt_count: int, seeds: Sequence[int]) -> None:
+def _grid_font(size: int):
+    """PIL's default font at `size` px (Pillow >= 10.1 with FreeType), else its fixed bitmap font."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: no size argument
+        return ImageFont.load_default()
+
+
+def grid_layout(rows: int, seeds: int, image_size: tuple[int, int], margin: tuple[int, int], limit: int) -> tuple[int, int, tuple[int, int]]:
+    """(rows per file, seeds per file, tile size) for a grid of `rows` settings x `seeds` seeds with label
+    margins (left, top), so that no file has more than `limit` pixels: tiles at most GRID_TILE px, at most
+    GRID_SEEDS seeds per file, fewer seeds and then smaller tiles (down to 16 px) if even one row is too big.
+    Usage: per_file, seeds_per_file, tile = grid_layout(13, 30, (512, 512), (120, 40), Image.MAX_IMAGE_PIXELS)"""
+    scale = min(1.0, GRID_TILE / max(image_size))
+    tile = (max(1, round(image_size[0] * scale)), max(1, round(image_size[1] * scale)))
+    left, top = margin
+    columns = min(seeds, GRID_SEEDS)
+    while (left + columns * tile[0]) * (top + tile[1]) > limit and (columns > 1 or min(tile) > 16):
+        if columns > 1:
+            columns -= 1
+        else:
+            tile = (max(8, tile[0] // 2), max(8, tile[1] // 2))
+    fitting = (limit // (left + columns * tile[0]) - top) // tile[1]
+    return max(1, min(rows, fitting)), columns, tile
+
+
+def _chunks(items: Sequence, size: int) -> list[list]:
+    return [list(items[start : start + size]) for start in range(0, len(items), size)]
+
+
+def _fit_text(draw, text: str, width: int, font) -> str:
+    """`text`, shortened with '...' until it fits in `width` px."""
+    while text and draw.textlength(text, font=font) > width:
+        text = text[:-4] + "..." if len(text) > 4 else ""
+    return text
+
+
+def _labelled_grid(tiles: list[list[Image.Image | None]], row_labels: list[str], column_labels: list[str], title: str,
+                   tile: tuple[int, int], margin: tuple[int, int], font) -> Image.Image:
+    """diffusers' make_image_grid of the tiles (a missing image is a grey tile) on a white canvas with the
+    title and the column labels above and the row labels to the left."""
+    from diffusers.utils import make_image_grid
+    from PIL import ImageDraw
+
+    blank = Image.new("RGB", tile, (220, 220, 220))
+    flat = [image.resize(tile, Image.Resampling.LANCZOS) if image is not None else blank for row in tiles for image in row]
+    block = make_image_grid(flat, rows=len(tiles), cols=len(tiles[0]))
+    left, top = margin
+    canvas = Image.new("RGB", (left + block.width, top + block.height), "white")
+    canvas.paste(block, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    line = top // 2
+    draw.text((GRID_PAD, GRID_PAD), _fit_text(draw, title, canvas.width - 2 * GRID_PAD, font), fill="black", font=font)
+    for column, text in enumerate(column_labels):
+        draw.text((left + column * tile[0] + GRID_PAD, line), _fit_text(draw, text, tile[0] - GRID_PAD, font), fill="black", font=font)
+    for row, text in enumerate(row_labels):
+        draw.text((GRID_PAD, top + row * tile[1] + GRID_PAD), text, fill="black", font=font)
+    return canvas
+
+
+def write_grids(out_dir: Path, records: Sequence[Mapping], prompts: Sequence[Prompt], seeds: Sequence[int]) -> list[Path]:
+    """Per prompt, labelled grids of its images (rows: settings and alpha, base first; columns: seeds) in
+    out_dir/grids: prompt000.png, or prompt000-part1of3.png ... when one file would be too big for PIL to
+    reopen (Image.MAX_IMAGE_PIXELS) or wider than GRID_SEEDS seeds. Usage: write_grids(Path("eval"), records, prompts, seeds)"""
     grid_dir = out_dir / "grids"
     grid_dir.mkdir(exist_ok=True)
-    for index in range(prompt_count):
+    limit = int(Image.MAX_IMAGE_PIXELS or PIL_DEFAULT_MAX_PIXELS)  # read now: a user (or a test) may have changed it
+    written = []
+    for index, prompt in enumerate(prompts):
+        for stale in [*grid_dir.glob(f"prompt{index:03d}.png"), *grid_dir.glob(f"prompt{index:03d}-part*.png")]:
+            stale.unlink()  # an earlier run may have split differently
         rows: dict[tuple, dict[int, str]] = {}
-        for record in records:
+        for record in records:  # records come in setting order, base first
             if record["prompt_index"] == index:
                 rows.setdefault((record["adapters"], record["alpha"]), {})[record["seed"]] = record["image"]
-        if not rows:
-            continue
-        tiles = {key: {s: Image.open(out_dir / p).convert("RGB") for s, p in images.items()} for key, images in rows.items()}
-        size = next(iter(next(iter(tiles.values())).values())).size
-        grid = Image.new("RGB", (size[0] * len(seeds), size[1] * len(tiles)), "white")
-        labels = list(dict.fromkeys(label for label, _ in tiles))  # records come in setting order, base first
-        for row, (_, images) in enumerate(sorted(tiles.items(), key=lambda item: (labels.index(item[0][0]), -item[0][1]))):
-            for column, seed in enumerate(seeds):
-                if seed in images:
-                    grid.paste(images[seed].resize(size), (column * size[0], row * size[1]))
-        grid.save(grid_dir / f"prompt{index:03d}.png")
+        if rows:
+            written += _write_prompt_grids(out_dir, grid_dir, index, prompt.prompt, rows, list(seeds), limit)
+    return written
+
+
+def _write_prompt_grids(out_dir: Path, grid_dir: Path, index: int, prompt: str, rows: Mapping[tuple, Mapping[int, str]],
+                        seeds: list[int], limit: int) -> list[Path]:
+    from PIL import ImageDraw
+
+    keys = list(rows)
+    with Image.open(out_dir / next(iter(rows[keys[0]].values()))) as first:
+        size = first.size
+    font = _grid_font(max(10, min(20, min(GRID_TILE, max(size)) // 14)))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    labels = [label if label == BASE else f"{label}  alpha={alpha:g}" for label, alpha in keys]
+    line = max(font.getbbox("Ag0")[3], 8) + GRID_PAD
+    margin = (2 * GRID_PAD + max(int(measure.textlength(text, font=font)) for text in labels), 2 * line + GRID_PAD)
+    per_file, seeds_per_file, tile = grid_layout(len(keys), len(seeds), size, margin, limit)
+    pages = [(r, s) for r in _chunks(range(len(keys)), per_file) for s in _chunks(seeds, seeds_per_file)]
+    paths = []
+    for number, (row_indices, page_seeds) in enumerate(pages, 1):
+        part = f" [part {number} of {len(pages)}]" if len(pages) > 1 else ""
+        tiles = [[_open_tile(out_dir, rows[keys[r]].get(seed)) for seed in page_seeds] for r in row_indices]
+        grid = _labelled_grid(tiles, [labels[r] for r in row_indices], [f"seed {seed}" for seed in page_seeds],
+                              f"prompt {index}{part}: {prompt}", tile, margin, font)
+        path = grid_dir / (f"prompt{index:03d}.png" if len(pages) == 1 else f"prompt{index:03d}-part{number}of{len(pages)}.png")
+        grid.save(path)
+        paths.append(path)
+    return paths
+
+
+def _open_tile(out_dir: Path, relative: str | None) -> Image.Image | None:
+    if relative is None:
+        return None
+    with Image.open(out_dir / relative) as image:
+        return image.convert("RGB")
 
 
 def _write_plot(out_dir: Path, summary: Sequence[Mapping]) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from ..diffusers_verbs import lora_only
 from .datasets import STYLE_SETS, validation_prompts
 from .judge import Judge, summarize
 from .model import GUIDANCE_SCALE, INFERENCE_STEPS, RESOLUTION
@@ -65,17 +66,22 @@ def fusion_prompts() -> list[str]:
 
 
 def shira_activation(pipe):
-    """`activate({name: alpha})` for SHiRA adapters loaded under the style names: exactly these active."""
-    return lambda weights: pipe.set_shira_adapters(list(weights), list(weights.values()))
+    """`activate({name: alpha})` for SHiRA adapters loaded under the style names: exactly these active (enabled
+    again first: `disable_lora` turns SHiRA adapters off too)."""
+    def activate(weights: dict[str, float]) -> None:
+        pipe.enable_shira()
+        pipe.set_shira_adapters(list(weights), list(weights.values()))
+    return activate
 
 
 def lora_activation(pipe, adapter_names: dict[str, str]):
     """`activate({style: alpha})` for LoRA adapters loaded with diffusers (unfused, `set_adapters`);
-    `adapter_names` maps each style to its diffusers adapter name."""
+    `adapter_names` maps each style to its diffusers adapter name. diffusers' own verbs on the LoRA layers only
+    (`lora_only`): any SHiRA adapters in the pipeline are left as they are."""
     def activate(weights: dict[str, float]) -> None:
         if not weights:
-            pipe.disable_lora()
+            lora_only(pipe, "disable_lora")()
             return
-        pipe.enable_lora()
-        pipe.set_adapters([adapter_names[name] for name in weights], list(weights.values()))
+        lora_only(pipe, "enable_lora")()
+        lora_only(pipe, "set_adapters")([adapter_names[name] for name in weights], list(weights.values()))
     return activate
