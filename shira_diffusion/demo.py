@@ -54,7 +54,7 @@ def _adapters(config: WorldDemoConfig, data: dict[str, Path], results: dict) -> 
     for method in METHODS:
         for style in STYLES:
             if f"{method}:{style}" in config.live:
-                overrides = {"seed": config.seed} | ({"max_train_steps": config.steps} if config.steps else {})
+                overrides = {"seed": config.seed, "no_progress_bar": True} | ({"max_train_steps": config.steps} if config.steps else {})  # one bar: the demo's
                 started = time.perf_counter()
                 run = train(training_config(style, data[style], Path(config.out) / "adapters" / f"{method}_{style.replace(' ', '_')}", method, **overrides))
                 paths[(method, style)] = run.adapter_path

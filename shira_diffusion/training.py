@@ -535,7 +535,8 @@ def train(config: TrainingConfig) -> TrainingResult:
     # 6. The loop.
     if accelerator.is_main_process:
         accelerator.init_trackers("shira-diffusion", config=config.loggable())  # no --hub_token in the logs
-    progress = tqdm(range(max_steps), initial=global_step, desc="training", disable=not accelerator.is_local_main_process)
+    progress = tqdm(range(max_steps), initial=global_step, desc="training",
+                    disable=config.no_progress_bar or not accelerator.is_local_main_process)
     losses: list[float] = []
     learning_rates: list[float] = []
     step_loss, micro_batches = torch.zeros((), device=accelerator.device), 0

@@ -84,6 +84,7 @@ class TrainingConfig:
     push_to_hub: bool = False
     hub_model_id: str | None = None
     license: str | None = None
+    no_progress_bar: bool = False
     hub_token: str | None = None
     adapter: str = "shira"
     mask: str = "snip"

@@ -720,3 +720,10 @@ def test_trains_from_a_hub_id_in_the_cache_while_offline(setup, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "adapter shira_weights.safetensors" in done.stdout
+
+
+def test_no_progress_bar_leaves_the_callers_display_alone(setup, capsys):
+    train(config(setup, "bar", max_train_steps=2))
+    assert "training" in capsys.readouterr().err
+    train(config(setup, "nobar", max_train_steps=2, no_progress_bar=True))
+    assert "training" not in capsys.readouterr().err

@@ -34,6 +34,7 @@ HELP = {
     "prior_generation_precision": "dtype for generating class images (default fp16 on GPU, fp32 on CPU)",
     "push_to_hub": "upload the output folder (adapter, model card, samples; not checkpoints) to the Hub at the end",
     "hub_model_id": "Hub repo for --push_to_hub (default: the output folder's name)",
+    "no_progress_bar": "no training progress bar (e.g. inside a caller's own progress display)",
     "license": "licence for the model card (default: the base model's, read offline, else 'other')",
     "hub_token": "Hub token (prefer `hf auth login`; refused with --report_to wandb)",
     "text_encoder_lr": "learning rate of the text encoder(s) with --train_text_encoder (default: --learning_rate)",
