@@ -21,17 +21,9 @@ from shira_diffusion.durable import host_tag
 from shira_diffusion.checkpoints import checkpoint_problem, find_checkpoint, prune_checkpoints
 from shira_diffusion.training import TrainingConfig, train
 
-from .helpers import draw_style_folder
+from .helpers import draw_style_folder, one_thread  # noqa: F401  (an autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -24,17 +24,7 @@ from shira_diffusion.testing import tiny_pipeline
 from shira_diffusion.trainables import UNET_TARGETS, ShiraTrainable, find_targets, prepare_trainable
 from shira_diffusion.training import TrainingConfig, config_from_dict, denoising_loss, train
 
-from .helpers import draw_style_folder, snapshot
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine spinning OpenMP
-    threads make each step up to 50x slower; one thread keeps this file well under two minutes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from .helpers import draw_style_folder, one_thread, snapshot  # noqa: F401  (one_thread: an autouse fixture)
 
 
 @pytest.fixture(scope="module")
