@@ -237,7 +237,8 @@ def test_grids_stay_under_pils_pixel_limit_and_are_labelled(files, pipe, tmp_pat
 
 def test_grid_layout_at_paper_scale_fits_pils_default_limit():
     from shira_diffusion.evaluation import grid_layout
-    from shira_diffusion.evaluation.runner import GRID_SEEDS, PIL_DEFAULT_MAX_PIXELS
+    from shira_diffusion.evaluation.runner import GRID_SEEDS
+    from shira_diffusion.grids import DEFAULT_PIXEL_LIMIT as PIL_DEFAULT_MAX_PIXELS
 
     rows, seeds, margin = 13, 30, (260, 44)  # base + 3 alphas x (3 adapters + 1 fusion), 30 seeds, 512 px
     assert rows * 512 * seeds * 512 > PIL_DEFAULT_MAX_PIXELS  # the unlabelled single grid of before

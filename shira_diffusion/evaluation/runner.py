@@ -48,6 +48,7 @@ import torch
 from PIL import Image
 
 from ..diffusers_verbs import lora_only
+from ..grids import pixel_limit
 from ..quiet import quiet_libraries
 from ..format import METADATA_KEY, SHIRA_WEIGHT_NAME
 from .hps import require_extra
@@ -63,7 +64,6 @@ OUTPUTS = ("records.jsonl", "records.csv", "summary.md", "summary.csv", "score_v
 GRID_TILE = 256  # longest tile side in grids: they are for looking over a run; the full-size images are in images/
 GRID_SEEDS = 10  # seeds (columns) per grid file at most: wider grids are unreadable on a screen
 GRID_PAD = 4  # px around grid labels
-PIL_DEFAULT_MAX_PIXELS = 89_478_485  # Image.MAX_IMAGE_PIXELS as Pillow ships it; used when a user set it to None
 @dataclass(frozen=True)
 class Fusion:
     """Several adapters active together, e.g. Fusion(("bluefire", "paintings"), (0.7, 0.5)); alpha scales all."""
@@ -633,7 +633,7 @@ def write_grids(out_dir: Path, records: Sequence[Mapping], prompts: Sequence[Pro
     reopen (Image.MAX_IMAGE_PIXELS) or wider than GRID_SEEDS seeds. Usage: write_grids(Path("eval"), records, prompts, seeds)"""
     grid_dir = out_dir / "grids"
     grid_dir.mkdir(exist_ok=True)
-    limit = int(Image.MAX_IMAGE_PIXELS or PIL_DEFAULT_MAX_PIXELS)  # read now: a user (or a test) may have changed it
+    limit = pixel_limit()  # read now: a user (or a test) may have changed it
     written = []
     for index, prompt in enumerate(prompts):
         for stale in [*grid_dir.glob(f"prompt{index:03d}.png"), *grid_dir.glob(f"prompt{index:03d}-part*.png")]:
