@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .format import ShiraAdapter, ShiraFormatError
+from .format import MAX_ALPHA, ShiraAdapter, ShiraFormatError
 
 try:
     from diffusers.models.attention import AttentionModuleMixin
@@ -52,15 +52,12 @@ class ShiraLoadError(ValueError):
 Strength = float | dict[str, float | dict[str, float]]
 
 
-_LARGEST = float(torch.finfo(torch.float32).max)  # writes accumulate in fp32: a larger strength is inf there
-
-
 def _finite(what: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:  # value != value: NaN
         raise ShiraLoadError(f"adapter {what}: weight must be a finite number, got {value!r}")
-    if not abs(value) <= _LARGEST:  # exact for ints of any size (math.isfinite overflows on 10**400); inf too
+    if not abs(value) <= MAX_ALPHA:  # exact for ints of any size (math.isfinite overflows on 10**400); inf too
         raise ShiraLoadError(f"adapter {what}: weight must be a finite number, got {value!r}, beyond float32's range "
-                             f"(|x| <= {_LARGEST:.4g}) in which writes accumulate")
+                             f"(|x| <= {MAX_ALPHA:.4g}) in which writes accumulate")
     return float(value)
 
 
@@ -80,7 +77,7 @@ def _owned(adapter: ShiraAdapter) -> ShiraAdapter:
 
 def _overflowed(values: torch.Tensor, originals: torch.Tensor) -> bool:
     """Whether some value is not finite where its original is: a write past the range of the weight's dtype."""
-    return not bool(torch.isfinite(values).all()) and bool((~torch.isfinite(values) & torch.isfinite(originals)).any())
+    return kernels.kept_finite(values, originals)[1]
 
 
 def _alpha(strength: Strength, key: str) -> float:
