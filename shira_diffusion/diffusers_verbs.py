@@ -119,7 +119,8 @@ class DiffusersVerbsMixin:
         self.enable_shira()
 
     def set_lora_device(self, adapter_names: Sequence[str], device: Any) -> None:
-        shira = [name for name in _names(adapter_names) if name in self.get_shira_adapters()]
+        loaded = set(self.get_shira_adapters())
+        shira = [name for name in _names(adapter_names) if name in loaded]
         if shira:
             raise ShiraLoadError(f"{shira[0]!r} is a SHiRA adapter: its deltas live in the weights, on their device; "
                                  "move the pipeline with pipe.to(device) (set_lora_device moves LoRA adapters only)")
@@ -135,7 +136,8 @@ class DiffusersVerbsMixin:
         requested = bound.arguments.get("adapter_names")
         active = self.get_active_shira_adapters()
         shira = [name for name in active if requested is None or name in requested]
-        idle = [name for name in (requested or []) if name in self.get_shira_adapters() and name not in active]
+        loaded = set(self.get_shira_adapters())
+        idle = [name for name in (requested or []) if name in loaded and name not in active]
         if idle:
             raise ShiraLoadError(f"SHiRA adapter {idle[0]!r} is not active; activate it with set_shira_adapters, then fuse_lora")
         if self._lora_names():
