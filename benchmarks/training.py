@@ -1,7 +1,8 @@
 """Training memory and speed: SHiRA `sparse` vs `hook` vs LoRA at equal trainable parameters (SHiRA budget
 r*(m+n) per weight = LoRA rank r), SD 1.5-shaped UNet, batch 1, AdamW, a few steps, in two precisions:
 fp32 (the issue's setting) and the DreamBooth recipe (frozen model in half precision, fp32 trainables,
-autocast: bf16 on CPU, fp16 on GPU; `hook` trains full fp32 weights, so it has no row there). Each memory run
+autocast: bf16 on CPU, fp16 on GPU; `hook` trains full fp32 weights (`trains_full_weights`), so it has no row
+there). The variants are LoRA and every SHiRA impl of `trainables.SHIRA_IMPLS`. Each memory run
 is its own process so its peak memory is its own: process peak RSS on CPU (reset after the model is built,
 where Linux allows), torch.cuda.max_memory_allocated on GPU.
 
@@ -62,12 +63,15 @@ def _build(precision: str, smoke: bool, device: str):
 
 def _attach(unet, variant: str, precision: str, smoke: bool, rank: int, latent_size: int, device: str):
     """Make `unet` trainable as the trainer does; returns (trainable, a function running one timed step)."""
-    from shira_diffusion.trainables import prepare_trainable
+    from shira_diffusion.trainables import SHIRA_IMPLS, prepare_trainable
 
     from .common import TARGETS
 
     half = HALF[precision]
-    trainable = prepare_trainable(unet, "lora" if variant == "lora" else "shira", impl=variant, rank=rank, target_modules=TARGETS)
+    if variant in SHIRA_IMPLS:
+        trainable = prepare_trainable(unet, "shira", impl=variant, rank=rank, target_modules=TARGETS)
+    else:
+        trainable = prepare_trainable(unet, "lora", rank=rank, target_modules=TARGETS)
     for _, p in trainable.named_parameters():  # diffusers' cast_training_params: fp32 trainables over a half model
         p.data = p.data.float()
     optimizer = torch.optim.AdamW([trainable.param_group(1e-2)], lr=1e-4, weight_decay=1e-2)
@@ -153,7 +157,10 @@ def main() -> None:
         return
     half = "fp16" if args.device == "cuda" else "bf16"
     common = ["--rank", str(rank), "--latent-size", str(args.latent_size), "--device", args.device] + (["--smoke"] if args.smoke else [])
-    settings = (("fp32", ("lora", "sparse", "hook")), (half, ("lora", "sparse")))
+    from shira_diffusion.trainables import SHIRA_IMPLS
+
+    half_impls = tuple(impl for impl, kind in SHIRA_IMPLS.items() if not kind.trains_full_weights)  # these need fp32 weights
+    settings = (("fp32", ("lora", *SHIRA_IMPLS)), (half, ("lora", *half_impls)))
     memory: dict[tuple[str, str], list[dict]] = {}
     for _ in range(1 if args.smoke else args.rounds):  # rounds interleave the variants; medians per variant
         for precision, variants in settings:

@@ -32,7 +32,9 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-KINDS = ("shira", "lora")
+from .trainables import ADAPTERS
+
+KINDS = ADAPTERS  # the adapter kinds a card describes
 DEFAULT_LICENSE = "other"
 # diffusers pipeline class -> (this package's class for it, the Hub tags diffusers' own training scripts use)
 FAMILIES = {

@@ -130,3 +130,54 @@ def remove_stale_temps(output_dir: Path, output_files: tuple[str, ...] = ()) -> 
     if validation.is_dir():  # temp names start with "." + the target's name
         for target in {m.group(1) for e in validation.iterdir() if (m := re.match(r"\.(step-\d+-\d+\.png)\.", e.name))}:
             remove_stale_temp_files(validation / target)
+
+
+class TrainedState:
+    """What a checkpoint holds besides accelerate's optimizer, scheduler, sampler and RNG states: the trained
+    tensors (not the frozen base model), the run's seed and each process's noise generator. Registered as
+    accelerate's save / load pre-hooks.
+
+    Usage: state = TrainedState(accelerator, named_parameters, noise_generator, seed); state.register()
+    """
+
+    FILE = "trainable.safetensors"
+
+    def __init__(self, accelerator, named: list, noise_generator, seed: int):
+        self.accelerator, self.named, self.noise_generator, self.seed = accelerator, named, noise_generator, seed
+
+    def register(self) -> None:
+        self.accelerator.register_save_state_pre_hook(self.save)
+        self.accelerator.register_load_state_pre_hook(self.load)
+
+    def _generator_file(self, directory) -> str:
+        return str(Path(directory) / f"noise_generator_{self.accelerator.process_index}.safetensors")
+
+    def save(self, models, weights, directory) -> None:
+        from safetensors.torch import save_file
+
+        weights.clear()  # accelerate would save every model whole, frozen weights included
+        if self.accelerator.is_main_process:
+            tensors = {name: p.detach().contiguous() for name, p in self.named}
+            save_file(tensors, str(Path(directory) / self.FILE), metadata={"seed": str(self.seed)})
+        save_file({"state": self.noise_generator.get_state()}, self._generator_file(directory))
+
+    def load(self, models, directory) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        models.clear()
+        state = load_file(str(Path(directory) / self.FILE))
+        missing = [name for name, _ in self.named if name not in state]
+        if missing:
+            raise ConfigError(f"{directory}: checkpoint does not match this run (no {missing[0]!r}); same --adapter / --mask / targets?")
+        with torch.no_grad():
+            for name, p in self.named:
+                p.copy_(state[name])
+        self.noise_generator.set_state(load_file(self._generator_file(directory))["state"])
+
+
+def checkpoint_seed(path: Path) -> int | None:
+    """The seed a checkpoint's run used (None for checkpoints of older versions, which did not record it)."""
+    with safe_open(str(path / TrainedState.FILE), "pt") as handle:
+        seed = (handle.metadata() or {}).get("seed")
+    return int(seed) if seed not in (None, "None") else None

@@ -1,9 +1,10 @@
 """Style datasets: check a user's folder, and draw small synthetic style sets for the offline demo.
 
-`check_dataset` reports every defect at once (the trainer stops at the first): unreadable images, images
-without a caption, images smaller than the training resolution, exact duplicates, and a licence field on
-every row when the dataset card asks for one (CC0 / public domain only for the Bluefire / Paintings
-look-alikes).
+`check_dataset` reports every defect of a training folder at once (the trainer stops at the first): entries
+that are not regular files, metadata.jsonl rows and .txt captions that are unusable (read and checked by
+`data.scan_folder`, the trainer's own reader), unreadable images, images without a caption, images smaller
+than the training resolution, exact duplicates, and a licence field on every row when the dataset card asks
+for one (CC0 / public domain only for the Bluefire / Paintings look-alikes).
 
 `make_style_dataset` draws procedural images: simple content shapes (circle, square, triangle, star,
 ring, cross) rendered in one of two styles, "blue_glow" (glowing blue strokes on dark ground) or "brush"
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .data import IMAGE_ERRORS, METADATA_NAME, DatasetError, irregular_entries, list_images, open_image, read_captions, read_metadata
+from .data import IMAGE_ERRORS, METADATA_NAME, irregular_entries, open_image, scan_folder
 
 OPEN_LICENSES = {"cc0", "cc0-1.0", "public domain", "public-domain", "pd", "cc-pdm", "pdm"}
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
@@ -46,18 +47,16 @@ def check_dataset(folder: str | Path, resolution: int | None = None, require_lic
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such dataset folder")
-    images = list_images(folder)
     # never opened (a FIFO would block the check forever); the trainer skips them too
     defects = [Defect(path.name, f"{kind}, not a regular file (skipped)") for path, kind in irregular_entries(folder)]
-    if not images:
+    scan = scan_folder(folder)
+    defects += [Defect(file, problem) for file, problem in scan.problems]
+    if not scan.images:
         return defects + [Defect(str(folder), "no images")], {"images": 0}
-    try:
-        captions = read_captions(folder, images)
-        licenses = {row["file_name"]: row.get("license") for _, row in read_metadata(folder)}
-    except DatasetError as error:
-        return defects + [Defect(str(folder / METADATA_NAME), str(error))], {"images": len(images)}
+    if scan.rows is None:  # metadata.jsonl unreadable as a whole: every image would be reported without a caption
+        return defects, {"images": len(scan.images)}
     sizes, seen_hashes = [], {}
-    for image in images:
+    for image in scan.images:
         try:  # decoded as the trainer does: EXIF-rotated (upright size), 16-bit scaled to 8
             width, height = open_image(image).size
             sizes.append((width, height))
@@ -67,8 +66,8 @@ def check_dataset(folder: str | Path, resolution: int | None = None, require_lic
         except IMAGE_ERRORS as error:
             defects.append(Defect(image.name, f"unreadable image ({type(error).__name__})"))
             continue
-        if image.name not in captions:
-            defects.append(Defect(image.name, "no caption (add it to metadata.jsonl or a .txt file beside it)"))
+        if image.name not in scan.captions and image.name not in scan.rows:  # a row's bad caption is reported above
+            defects.append(Defect(image.name, f"no caption (add it to {METADATA_NAME} or a .txt file beside it)"))
         if resolution and min(width, height) < resolution:
             defects.append(Defect(image.name, f"{width}x{height} is smaller than the training resolution {resolution}"))
         digest = hashlib.sha256(image.read_bytes()).hexdigest()
@@ -77,15 +76,20 @@ def check_dataset(folder: str | Path, resolution: int | None = None, require_lic
         else:
             seen_hashes[digest] = image.name
         if require_license:
-            license_ = licenses.get(image.name)
-            if not license_:
-                defects.append(Defect(image.name, "no license field in metadata.jsonl"))
-            elif cc0_only and str(license_).strip().lower() not in OPEN_LICENSES:
-                defects.append(Defect(image.name, f"license {license_!r} is not CC0 / public domain"))
-    stats = {"images": len(images), "captioned": sum(1 for i in images if i.name in captions)}
+            defects += _license_defects(image.name, scan.rows.get(image.name, {}).get("license"), cc0_only)
+    stats = {"images": len(scan.images), "captioned": sum(1 for i in scan.images if i.name in scan.captions)}
     if sizes:
         stats.update(min_size=min(sizes, key=lambda s: s[0] * s[1]), max_size=max(sizes, key=lambda s: s[0] * s[1]))
     return defects, stats
+
+
+def _license_defects(name: str, license_: object, cc0_only: bool) -> list[Defect]:
+    """A missing licence field, or (cc0_only) one that is not CC0 / public domain."""
+    if not license_:
+        return [Defect(name, f"no license field in {METADATA_NAME}")]
+    if cc0_only and str(license_).strip().lower() not in OPEN_LICENSES:
+        return [Defect(name, f"license {license_!r} is not CC0 / public domain")]
+    return []
 
 
 def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> Image.Image:

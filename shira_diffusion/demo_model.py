@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from .grids import labelled_grid
+from .trainables import ADAPTERS
 from .quiet import quiet_libraries
 
 STYLE_NAMES = {"A": "blue_glow", "B": "brush"}
@@ -110,12 +111,12 @@ def _run(config: DemoConfig) -> dict:
     stages.set_postfix_str("training")
     trained: dict[tuple[str, str], Path] = {}
     results["training"] = {}
-    for method in ("shira", "lora"):
+    for method in ADAPTERS:
         for key, style in STYLE_NAMES.items():
             run = train(TrainingConfig(
                 pretrained_model_name_or_path=model, train_data_dir=str(data[key][0]), output_dir=str(out / "adapters" / f"{method}_{style}"),
                 resolution=config.resolution, center_crop=True, random_flip=True, train_batch_size=4, max_train_steps=config.steps,
-                learning_rate=config.learning_rate, lr_scheduler="constant", adapter=method, mask=config.mask, shira_r=config.rank,
+                learning_rate=config.learning_rate, lr_scheduler="constant", lr_warmup_steps=0, adapter=method, mask=config.mask, shira_r=config.rank,
                 rank=config.rank, seed=config.seed, report_to="none", checkpointing_steps=0,
                 mixed_precision="fp16" if torch.cuda.is_available() else None,
             ))
@@ -165,7 +166,7 @@ def _run(config: DemoConfig) -> dict:
 
     retention: dict = {}
     table = {}
-    for method in ("shira", "lora"):
+    for method in ADAPTERS:
         if method == "lora":
             pipe.unload_shira_weights()
             # LoRA adapter names must not be "A"/"B": diffusers mixes them up with the lora_A / lora_B keys.

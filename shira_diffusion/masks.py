@@ -27,19 +27,29 @@ as (out, in·kh·kw)).
 Top-k runs on the flat tensor (a sampled threshold shrinks the candidate set first; exact, see
 `topk_positions`); no Python loop touches individual elements.
 
+This module is torch-free (the CLI reads it for `--mask`'s choices and help); the position functions and
+`build_masks` live in `mask_builders.py` and are importable from here too.
+
+`MASKS` is the one list of masks: the trainer's `--mask` choices, their help text, which masks need
+calibration gradients and the tests all read it, so adding a mask is one `Mask` entry there. From Python,
+`build_masks` also takes your own mask (like PEFT SHiRA's `mask_fn`): a function
+`fn(weight, k, *, name, gradient, seed) -> flat positions`, or that function in a `Mask` to declare that it
+needs gradients (see `MaskFn`).
+
 Usage:
     masks = build_masks(targets, "snip", density=0.02, gradients=grads)   # {name: positions}
+    masks = build_masks(targets, lambda weight, k, **_: torch.arange(k))  # your own: the first k entries
 """
 
 from __future__ import annotations
 
 import math
-import zlib
-from collections.abc import Mapping
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-
-MASK_TYPES = ("struct", "rand", "wm", "grad", "snip")
+if TYPE_CHECKING:
+    import torch
 
 
 def mask_budget(shape: tuple[int, ...], density: float | None = None, r: int | None = None) -> int:
@@ -61,117 +71,107 @@ def mask_budget(shape: tuple[int, ...], density: float | None = None, r: int | N
     return max(1, min(numel, r * (rows + cols)))
 
 
-def struct_positions(shape: tuple[int, ...], k: int) -> torch.Tensor:
-    """Diagonal + every f-th row, exactly k sorted positions (definition in the module docstring).
+class MaskFn(Protocol):
+    """A mask of your own (PEFT SHiRA's `mask_fn`, as flat positions): which `k` entries of `weight` to train.
 
-    Usage: struct_positions((320, 320), k=2048)
+    Called once per weight with the weight (any dtype, on its device; read it, do not change it), the budget
+    `k` (from density or r), and as keywords `name` (the weight's key in `build_masks`' input), `gradient`
+    (its accumulated |dL/dW|, same shape, or None when `build_masks` got no gradients) and `seed`. Returns
+    exactly k distinct flat indices into `weight.reshape(-1)`: a 1-D integer tensor, any device, any order.
+    `build_masks` checks that and returns them sorted as int64. Take `**_` for the keywords you do not need.
+    Usage: def first_k(weight, k, **_): return torch.arange(k)
     """
-    rows, cols = shape[0], math.prod(shape) // shape[0]
-    diagonal = torch.arange(min(rows, cols), dtype=torch.int64) * (cols + 1)
-    if k <= diagonal.numel():
-        return diagonal[:k].sort().values
-    rows_needed = math.ceil((k - diagonal.numel()) / max(1, cols - 1))
-    stride = max(1, rows // rows_needed)
-    order = torch.arange(rows, dtype=torch.int64)
-    order = order[torch.argsort(order % stride * rows + order)][: rows_needed + 1]  # 0, f, 2f, ..., then 1, f+1, ...
-    row_positions = (order[:, None] * cols + torch.arange(cols, dtype=torch.int64)).flatten()
-    off_diagonal = row_positions[(row_positions % (cols + 1) != 0) | (row_positions // cols >= cols)]
-    return torch.cat([diagonal, off_diagonal[: k - diagonal.numel()]]).sort().values
+
+    def __call__(self, weight: torch.Tensor, k: int, *, name: str, gradient: torch.Tensor | None, seed: int) -> torch.Tensor: ...
 
 
-def random_positions(shape: tuple[int, ...], k: int, seed: int, name: str) -> torch.Tensor:
-    """k uniform positions without replacement, seeded from (seed, name): equal shapes get different masks.
+class ScoreFn(Protocol):
+    """A score-based mask: one score per entry of `weight`, the k largest are kept (exactly, `topk_positions`).
 
-    Usage: random_positions((320, 320), 2048, seed=0, name="down_blocks.1.attentions.0...to_q.weight")
+    `out` is an fp32 scratch tensor of weight.numel() entries on the weight's device, reused for the next
+    weight: write the scores into it (no fresh multi-MB tensor per weight, which costs more in page faults
+    on CPU than |W| itself) or return a tensor of your own. Returns weight.numel() scores, any shape.
+    Usage: def magnitude(weight, gradient, out): return torch.abs(weight.reshape(-1).float(), out=out)
     """
-    numel = math.prod(shape)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    if k * 4 > numel:  # dense budgets: a permutation is cheap enough and exact
-        return torch.randperm(numel, generator=generator)[:k].sort().values
-    # Sparse budgets: oversample, deduplicate, then pick k of the unique draws at random. Avoids randperm's
-    # O(numel) int64 buffer, which dominates for large weights.
-    unique = torch.empty(0, dtype=torch.int64)
-    while unique.numel() < k:
-        draws = torch.randint(numel, (int(k * 1.1) + 16,), generator=generator)
-        unique = torch.unique(torch.cat([unique, draws]))
-    keep = torch.randperm(unique.numel(), generator=generator)[:k]
-    return unique[keep].sort().values
+
+    def __call__(self, weight: torch.Tensor, gradient: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor: ...
 
 
-def topk_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Flat positions of the k largest scores, sorted.
+@dataclass(frozen=True)
+class Mask:
+    """One way to choose the positions: `select` returns them (a `MaskFn`) or `score` rates every entry (a
+    `ScoreFn`, top k kept); give exactly one. `needs_gradients`: calibration gradients are computed for it
+    (the trainer) and required (`build_masks`). `help`: one line for the CLI's help text.
 
-    A full top-k over millions of entries is slow on CPU; a threshold estimated from a sample (with 2x
-    headroom) keeps a small candidate set. Every entry left out is below the threshold and so below every
-    candidate; with at least k candidates the top-k among them is the exact top-k (else: full top-k).
-    Usage: topk_positions(weight.abs(), k=2048)
+    `name` is the `--mask` value for registry entries and the adapter file's `mask_type`.
+    Usage: build_masks(weights, Mask("top_grad_rows", select=my_fn, needs_gradients=True), gradients=grads)
     """
-    flat = scores.reshape(-1).float()
-    if k * 8 < flat.numel() and flat.numel() > 65536:
-        generator = torch.Generator(device=flat.device).manual_seed(0)
-        sample = flat[torch.randint(flat.numel(), (65536,), generator=generator, device=flat.device)]
-        candidates = torch.nonzero(flat >= torch.quantile(sample, 1 - 2 * k / flat.numel())).flatten()
-        if candidates.numel() >= k:  # else the estimate was unlucky: fall back to the full top-k
-            keep = torch.zeros(candidates.numel(), dtype=torch.bool, device=flat.device)
-            keep[torch.topk(flat[candidates], k, sorted=False).indices] = True
-            return candidates[keep]  # nonzero's output is sorted, so this is too: no sort needed
-    return torch.topk(flat, k, sorted=False).indices.sort().values
+
+    name: str
+    select: MaskFn | None = None
+    score: ScoreFn | None = None
+    needs_gradients: bool = False
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.select is None) == (self.score is None):
+            raise ValueError(f"mask {self.name!r}: give exactly one of select= or score=")
 
 
-def _score(mask_type: str, weight: torch.Tensor, gradient: torch.Tensor | None, workspace: torch.Tensor) -> torch.Tensor:
-    """The flat fp32 scores of one weight, written into `workspace` where a new tensor would be needed.
+def _builtin(function: str) -> Callable:
+    """A built-in mask function of `mask_builders`, imported at its first call: the CLI lists the masks (and
+    their help) without importing torch."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        from . import mask_builders
 
-    Reusing one workspace for every weight matters on CPU: a fresh multi-MB tensor per weight costs more in
-    page faults than computing |W| itself.
+        return getattr(mask_builders, function)(*args, **kwargs)
+
+    call.__name__ = function
+    return call
+
+
+MASKS: dict[str, Mask] = {mask.name: mask for mask in (
+    Mask("struct", select=_builtin("struct_select"), help="the diagonal plus whole rows at a regular stride (the paper's rank-1 + diagonal)"),
+    Mask("rand", select=_builtin("random_select"), help="k uniform positions, seeded per weight from --seed and the weight's name"),
+    Mask("wm", score=_builtin("magnitude_score"), help="the k largest |W| (weight magnitude)"),
+    Mask("grad", score=_builtin("gradient_score"), needs_gradients=True, help="the k largest |dL/dW| summed over calibration batches"),
+    Mask("snip", score=_builtin("snip_score"), needs_gradients=True, help="the k largest |W * dL/dW| over calibration batches (SNIP)"),
+)}
+MASK_TYPES = tuple(MASKS)  # the names, for existing users
+
+
+def get_mask(mask: str | Mask | MaskFn) -> Mask:
+    """The `Mask` for a registry name, a `Mask`, or a bare `MaskFn` (which then needs no gradients; wrap it
+    in `Mask(name, select=fn, needs_gradients=True)` if it does).
+
+    Usage: get_mask("snip").needs_gradients  -> True
     """
-    if mask_type == "grad":
-        return gradient.reshape(-1)
-    flat = weight.detach().reshape(-1)
-    out = workspace[: flat.numel()]
-    if mask_type == "wm":
-        return torch.abs(flat, out=out) if flat.dtype == torch.float32 else out.copy_(flat).abs_()
-    return torch.mul(flat, gradient.reshape(-1).to(out.dtype), out=out).abs_()  # snip: |W * dL/dW|
+    if isinstance(mask, Mask):
+        return mask
+    if isinstance(mask, str):
+        if mask not in MASKS:
+            raise ValueError(f"unknown mask {mask!r}; choose one of {list(MASK_TYPES)}")
+        return MASKS[mask]
+    if callable(mask):
+        return Mask(getattr(mask, "__name__", type(mask).__name__), select=mask)
+    raise ValueError(f"mask must be one of {list(MASK_TYPES)}, a Mask or a mask function; got {type(mask).__name__}")
 
 
-def build_masks(
-    targets: Mapping[str, torch.Tensor],
-    mask_type: str,
-    density: float | None = 0.02,
-    r: int | None = None,
-    seed: int = 0,
-    gradients: Mapping[str, torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Sorted int64 flat positions per target weight, keyed like `targets` (parameter or module names).
+def needs_gradients(mask: str | Mask | MaskFn) -> bool:
+    """Whether `mask` needs calibration gradients (`build_masks(..., gradients=...)`).
 
-    `density` (default 2 %) or `r` (PEFT's budget r·(m+n); wins when given) sets k per weight. `gradients`
-    (accumulated |dL/dW| per name, same shapes) are needed for grad and snip; `seed` drives rand.
-    Usage: build_masks({"to_q.weight": w}, "wm", density=0.02)
+    Usage: if needs_gradients(config.mask): gradients = calibrate(...)
     """
-    if mask_type not in MASK_TYPES:
-        raise ValueError(f"unknown mask {mask_type!r}; choose one of {list(MASK_TYPES)}")
-    if r is not None:
-        density = None
-    if mask_type in ("grad", "snip"):
-        missing = [name for name in targets if gradients is None or name not in gradients]
-        if missing:
-            raise ValueError(f"mask {mask_type!r} needs calibration gradients; none for {missing[0]!r}")
-        wrong = [n for n in targets if tuple(gradients[n].shape) != tuple(targets[n].shape)]
-        if wrong:
-            raise ValueError(f"gradient for {wrong[0]!r} has shape {tuple(gradients[wrong[0]].shape)}, weight {tuple(targets[wrong[0]].shape)}")
-    workspaces: dict[torch.device, torch.Tensor] = {}
-    if mask_type in ("wm", "snip"):
-        for weight in targets.values():
-            size = max(weight.numel(), workspaces.get(weight.device, torch.empty(0)).numel())
-            workspaces[weight.device] = torch.empty(size, dtype=torch.float32, device=weight.device)
-    masks = {}
-    for name, weight in targets.items():
-        shape = tuple(weight.shape)
-        k = mask_budget(shape, density, r)
-        if mask_type == "struct":
-            masks[name] = struct_positions(shape, k)
-        elif mask_type == "rand":
-            masks[name] = random_positions(shape, k, seed, name)
-        else:
-            gradient = gradients[name] if gradients is not None else None
-            masks[name] = topk_positions(_score(mask_type, weight, gradient, workspaces.get(weight.device)), k)
-    return masks
+    return get_mask(mask).needs_gradients
+
+
+_BUILDERS = ("build_masks", "struct_positions", "random_positions", "topk_positions")
+
+
+def __getattr__(name: str) -> Any:
+    """`build_masks` and the position functions live in `mask_builders` (torch), imported when first used."""
+    if name in _BUILDERS:
+        from . import mask_builders
+
+        return getattr(mask_builders, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from shira_diffusion.cli import main
-from shira_diffusion.data import DatasetError, read_image_folder
+from shira_diffusion.data import DatasetError, DataSource, load_examples
 from shira_diffusion.datasets import check_dataset
 from shira_diffusion.testing import tiny_pipeline
 
@@ -36,9 +36,9 @@ def model(tmp_path_factory):
 @pytest.fixture()
 def no_model_loads(monkeypatch):
     """Fail the test if the trainer gets as far as loading a model."""
-    from shira_diffusion import training
+    from shira_diffusion.training import loop
 
-    monkeypatch.setattr(training, "_load_models", lambda *a, **k: pytest.fail("a model was loaded before the error"))
+    monkeypatch.setattr(loop, "load_family", lambda *a, **k: pytest.fail("a model was loaded before the error"))
 
 
 def train_args(model, data, out, *extra) -> list[str]:
@@ -80,8 +80,8 @@ def test_a_fifo_named_like_an_image_is_never_opened(model, tmp_path, capsys):
     data = draw_style_folder(tmp_path / "data", count=4)
     os.mkfifo(data / "8.png")
     with pytest.warns(UserWarning, match=r"8.png: a FIFO, not a regular file; skipped"):
-        records = finishes(data / "8.png", lambda: read_image_folder(data))
-    assert [path.name for path, _ in records] == ["0.png", "1.png", "2.png", "3.png"]
+        examples = finishes(data / "8.png", lambda: load_examples(DataSource(train_data_dir=str(data))))
+    assert [Path(examples.name(i)).name for i in range(len(examples))] == ["0.png", "1.png", "2.png", "3.png"]
     assert finishes(data / "8.png", lambda: main(["dataset", "check", str(data), "--resolution", "32"])) == 1
     assert "8.png: a FIFO, not a regular file (skipped)" in capsys.readouterr().out
     out = tmp_path / "out"
@@ -93,7 +93,7 @@ def test_a_fifo_named_like_an_image_is_never_opened(model, tmp_path, capsys):
     with open(data / "metadata.jsonl", "a") as handle:
         handle.write(json.dumps({"file_name": "8.png", "text": "x"}) + "\n")
     with pytest.warns(UserWarning), pytest.raises(DatasetError, match=r"metadata.jsonl:5: \"file_name\" '8.png': a FIFO, not an image file"):
-        finishes(data / "8.png", lambda: read_image_folder(data))
+        finishes(data / "8.png", lambda: load_examples(DataSource(train_data_dir=str(data))))
 
 
 def test_metadata_that_is_not_utf8_is_an_error_naming_file_and_line(model, tmp_path, capsys, no_model_loads):
@@ -108,14 +108,14 @@ def test_metadata_that_is_not_utf8_is_an_error_naming_file_and_line(model, tmp_p
     (data / "3.txt").write_bytes(b"caption \xe9")  # a latin-1 .txt caption
     (data / "metadata.jsonl").unlink()
     with pytest.raises(DatasetError, match=r"3.txt: not UTF-8 text"):
-        read_image_folder(data, instance_prompt="style")
+        load_examples(DataSource(train_data_dir=str(data), instance_prompt="style"))
     # A byte-order mark and deeply nested JSON: a BOM is fine, nesting is a line error (not a RecursionError).
     rows = [json.dumps({"file_name": f"{i}.png", "text": "t"}) for i in range(4)]
     (data / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(rows).encode())
-    assert len(read_image_folder(data)) == 4
+    assert len(load_examples(DataSource(train_data_dir=str(data)))) == 4
     (data / "metadata.jsonl").write_text("\n".join(rows + ["[" * 100_000]))
     with pytest.raises(DatasetError, match=r"metadata.jsonl:5: expected"):
-        read_image_folder(data)
+        load_examples(DataSource(train_data_dir=str(data)))
 
 
 def test_a_metadata_row_for_a_missing_image_is_an_error_naming_file_line_and_image(model, tmp_path, capsys, no_model_loads):
@@ -129,7 +129,7 @@ def test_a_metadata_row_for_a_missing_image_is_an_error_naming_file_line_and_ima
     Image.new("RGB", (40, 40)).save(data / "sub" / "2.png")
     (data / "metadata.jsonl").write_text((data / "metadata.jsonl").read_text().replace('"2.png"', '"sub/2.png"'))
     with pytest.raises(DatasetError, match=r"metadata.jsonl:3: \"file_name\" 'sub/2.png': not a regular file|metadata.jsonl:3: \"file_name\" 'sub/2.png': .*not an image file"):
-        read_image_folder(data)
+        load_examples(DataSource(train_data_dir=str(data)))
 
 
 def png_claiming(width: int, height: int) -> bytes:

@@ -1,11 +1,23 @@
-"""Mask strategies: exact budgets, the right positions for each rule, seeds and layers that differ."""
+"""Mask strategies: exact budgets, the right positions for each rule, seeds and layers that differ; the registry
+as the one source of the choices; custom mask functions and their checks."""
 
 import math
 
 import pytest
 import torch
 
-from shira_diffusion.masks import MASK_TYPES, build_masks, mask_budget, random_positions, struct_positions, topk_positions
+from shira_diffusion.masks import (
+    MASK_TYPES,
+    MASKS,
+    Mask,
+    build_masks,
+    get_mask,
+    mask_budget,
+    needs_gradients,
+    random_positions,
+    struct_positions,
+    topk_positions,
+)
 
 
 def test_budgets_by_density_and_peft_r():
@@ -95,3 +107,83 @@ def test_grad_masks_need_matching_gradients_and_unknown_mask_is_refused():
         build_masks({"w": torch.zeros(4, 4)}, "grad", gradients={"w": torch.zeros(4, 2)})
     with pytest.raises(ValueError, match="unknown mask 'magic'"):
         build_masks({"w": torch.zeros(4, 4)}, "magic")
+
+
+def test_rand_and_struct_positions_are_the_same_bits_as_before_the_registry():
+    """Pinned from the masks of the release before the registry: a refactor must not move a single position."""
+    a = random_positions((320, 320), 2048, seed=3, name="down.to_q.weight")
+    assert a[:6].tolist() == [33, 75, 91, 113, 122, 212] and int(a.sum()) == 106236402
+    b = random_positions((20, 20), 300, seed=1, name="x")
+    assert b[:6].tolist() == [0, 1, 3, 4, 6, 7] and int(b.sum()) == 59818
+    assert int(struct_positions((96, 40), 500).sum()) == 829580
+    weights = {"a.weight": torch.zeros(320, 320)}
+    assert torch.equal(build_masks(weights, "rand", density=2048 / 320**2, seed=3)["a.weight"], random_positions((320, 320), 2048, 3, "a.weight"))
+
+
+def test_the_registry_is_the_one_source_of_names_gradients_and_help():
+    assert MASK_TYPES == tuple(MASKS) == ("struct", "rand", "wm", "grad", "snip")
+    assert all(name == mask.name and mask.help and "\n" not in mask.help for name, mask in MASKS.items())
+    assert [name for name in MASK_TYPES if needs_gradients(name)] == ["grad", "snip"]
+    assert [name for name, mask in MASKS.items() if mask.needs_gradients] == ["grad", "snip"]
+    assert get_mask("wm") is MASKS["wm"] and needs_gradients(MASKS["snip"]) and not needs_gradients(lambda weight, k, **_: None)
+    with pytest.raises(ValueError, match=r"unknown mask 'magic'; choose one of \['struct', 'rand', 'wm', 'grad', 'snip'\]"):
+        needs_gradients("magic")
+    with pytest.raises(ValueError, match="mask must be one of .* a Mask or a mask function; got int"):
+        get_mask(3)
+    with pytest.raises(ValueError, match="mask 'both': give exactly one of select= or score="):
+        Mask("both")
+
+
+def test_a_custom_mask_function_gets_the_weight_budget_name_gradient_and_seed_and_its_positions_are_sorted():
+    calls = []
+
+    def last_k(weight, k, *, name, gradient, seed):
+        calls.append((name, k, seed, gradient is None or tuple(gradient.shape)))
+        return torch.arange(weight.numel() - 1, weight.numel() - 1 - k, -1, dtype=torch.int32)  # descending, int32
+
+    weights = {"a.weight": torch.randn(10, 8), "b.weight": torch.randn(4, 4)}
+    masks = build_masks(weights, last_k, density=0.25, seed=7)
+    assert calls == [("a.weight", 20, 7, True), ("b.weight", 4, 7, True)]
+    assert masks["a.weight"].dtype == torch.int64 and torch.equal(masks["a.weight"], torch.arange(60, 80))
+    assert torch.equal(masks["b.weight"], torch.arange(12, 16))
+    gradients = {n: torch.rand(w.shape) for n, w in weights.items()}
+    calls.clear()
+    build_masks(weights, last_k, r=1, gradients=gradients)  # given gradients reach custom functions too
+    assert calls == [("a.weight", 18, 0, (10, 8)), ("b.weight", 8, 0, (4, 4))]
+
+
+def test_a_custom_mask_declares_gradients_by_its_mask_entry_and_can_score_instead_of_select():
+    def top_gradient_rows(weight, k, *, gradient, **_):
+        return topk_positions(gradient.sum(1, keepdim=True).expand_as(gradient), k)
+
+    mask = Mask("top_gradient_rows", select=top_gradient_rows, needs_gradients=True, help="rows with the largest gradient")
+    weight = torch.randn(8, 5)
+    assert needs_gradients(mask)
+    with pytest.raises(ValueError, match="mask 'top_gradient_rows' needs calibration gradients; none for 'w'"):
+        build_masks({"w": weight}, mask, density=0.25)
+    gradient = torch.zeros(8, 5)
+    gradient[6] = 1.0
+    assert build_masks({"w": weight}, mask, density=5 / 40, gradients={"w": gradient})["w"].tolist() == [30, 31, 32, 33, 34]
+    smallest = Mask("smallest", score=lambda weight, gradient, out: -weight.abs().flatten())
+    expected = torch.topk(-weight.abs().flatten(), 4).indices.sort().values
+    assert torch.equal(build_masks({"w": weight}, smallest, density=0.1)["w"], expected)
+    with pytest.raises(ValueError, match="mask 'short' for 'w': 3 scores for a weight of 40 entries"):
+        build_masks({"w": weight}, Mask("short", score=lambda weight, gradient, out: torch.ones(3)))
+
+
+@pytest.mark.parametrize("returned, problem", [
+    ([0, 1, 2, 3], r"returned list, expected a 1-D integer torch.Tensor of flat positions"),
+    (torch.tensor([0.0, 1.0, 2.0, 3.0]), r"returned dtype torch.float32, expected an integer dtype"),
+    (torch.zeros(4, 4, dtype=torch.bool), r"returned dtype torch.bool, expected an integer dtype; for a boolean mask return"),
+    (torch.tensor([[0, 1], [2, 3]]), r"returned shape \(2, 2\), expected 1-D flat positions"),
+    (torch.tensor([0, 1, 2]), r"returned 3 positions, expected exactly k=4"),
+    (torch.tensor([0, 1, 2, 16]), r"position 16 is outside \[0, 16\)"),
+    (torch.tensor([-1, 1, 2, 3]), r"position -1 is outside \[0, 16\)"),
+    (torch.tensor([5, 1, 5, 3]), r"position 5 appears more than once"),
+])
+def test_a_bad_custom_mask_is_a_clear_error_naming_the_weight(returned, problem):
+    def bad(weight, k, **_):
+        return returned
+
+    with pytest.raises(ValueError, match=r"^mask 'bad' for 'layer.weight' \(shape \(4, 4\), k=4\): " + problem):
+        build_masks({"layer.weight": torch.zeros(4, 4)}, bad, density=0.25)

@@ -1,6 +1,6 @@
 """The trainer on the tiny pipelines: every mask learns, sparse == hook, exact export, resume, LoRA, errors."""
 
-import copy
+import dataclasses
 import json
 import math
 import re
@@ -14,14 +14,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 from peft.tuners.lora import LoraLayer
 from PIL import Image
-from torch import nn
-from torch.nn.utils import parametrize
 
 from shira_diffusion import ShiraAdapter, add_shira_support
 from shira_diffusion.cli import build_parser, main
-from shira_diffusion.masks import MASK_TYPES, mask_budget
+from shira_diffusion.masks import MASK_TYPES
 from shira_diffusion.testing import tiny_pipeline
-from shira_diffusion.trainables import UNET_TARGETS, ShiraTrainable, find_targets, prepare_trainable
+from shira_diffusion.trainables import UNET_TARGETS, find_targets, prepare_trainable
 from shira_diffusion.training import TrainingConfig, config_from_dict, denoising_loss, train
 
 from .helpers import draw_style_folder, one_thread, snapshot  # noqa: F401  (one_thread: an autouse fixture)
@@ -39,24 +37,25 @@ def config(setup, name, **overrides):
     values = dict(
         pretrained_model_name_or_path=setup["model"], train_data_dir=setup["data"], output_dir=str(setup["root"] / name),
         resolution=32, center_crop=True, train_batch_size=3, max_train_steps=30, learning_rate=3e-2, density=0.2,
-        lr_scheduler="constant", report_to="none", checkpointing_steps=0, calibration_batches=2,
+        lr_scheduler="constant", lr_warmup_steps=0, report_to="none", checkpointing_steps=0, calibration_batches=2, seed=0,
+        target_modules=list(UNET_TARGETS),
     )
     values.update(overrides)
     return TrainingConfig(**values)
 
 
-def test_config_defaults_follow_the_issue():
+def test_shira_defaults_and_the_cli_is_the_dataclass():
+    """SHiRA's own flags default to the paper's adapter; diffusers-named flags are checked in test_families."""
     c = TrainingConfig(pretrained_model_name_or_path="m", train_data_dir="d")
-    assert (c.adapter, c.mask, c.density, c.impl, c.learning_rate, c.lr_scheduler, c.rank, c.report_to) == (
-        "shira", "snip", 0.02, "sparse", 1e-4, "cosine", 64, "tensorboard")
-    assert c.target_modules is None and c.shira_r is None and c.resolution % 8 == 0
-    assert set(UNET_TARGETS) == {"to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"}
+    assert (c.adapter, c.mask, c.density, c.impl, c.shira_r, c.target_modules) == ("shira", "snip", 0.02, "sparse", None, None)
     args = build_parser().parse_args(["train", "--pretrained_model_name_or_path", "m", "--train_data_dir", "d"])
-    assert config_from_dict(vars(args)) == c  # the CLI flags are the dataclass fields, with the same defaults
-    args = build_parser().parse_args(["train", "--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--shira_r", "8",
-                                      "--target_modules", "to_q", "to_v", "--train_text_encoder", "--density", "0.05"])
+    assert config_from_dict(vars(args)) == dataclasses.replace(c, optimizer="adamw")  # the CLI flags are the fields, same defaults
+    args = build_parser().parse_args(["train", "--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--shira_r", "8",
+                                      "--lora_layers", "to_q,to_v", "--train_text_encoder", "--density", "0.05", "--optimizer", "Prodigy",
+                                      "--prodigy_decouple", "false"])
     parsed = config_from_dict(vars(args))
-    assert (parsed.shira_r, parsed.target_modules, parsed.train_text_encoder, parsed.density) == (8, ["to_q", "to_v"], True, 0.05)
+    assert (parsed.shira_r, parsed.target_modules, parsed.train_text_encoder, parsed.density) == (8, ["to_q,to_v"], True, 0.05)
+    assert (parsed.train_data_dir, parsed.optimizer, parsed.prodigy_decouple) == ("d", "prodigy", False)
 
 
 @pytest.mark.parametrize("mask", MASK_TYPES)
@@ -89,193 +88,6 @@ def test_sparse_and_hook_give_the_same_adapter(setup):
     assert max(d.deltas.abs().max() for _, _, d in a_adapter.items()) > 1e-3  # it did train
     np.testing.assert_allclose(sparse.losses, hook.losses, rtol=1e-4)
 
-
-def _step_inputs(unet, generator):
-    size = unet.config.sample_size
-    return (torch.randn(2, 4, size, size, generator=generator), torch.tensor([10, 700]), torch.randn(2, 5, 32, generator=generator))
-
-
-@pytest.mark.parametrize("impl", ["sparse", "hook"])
-def test_exported_adapter_reproduces_the_trained_unet_and_nothing_outside_the_mask_moves(impl):
-    pipe = tiny_pipeline("sd")
-    trained = tiny_pipeline("sd").unet
-    base = {n: p.detach().clone() for n, p in trained.named_parameters()}
-    targets = find_targets(trained, ("to_q", "to_v", "ff.net.2"), include_conv=True)  # + every Conv2d
-    generator = torch.Generator().manual_seed(0)
-    positions = {n: torch.randperm(m.weight.numel(), generator=generator)[:50].sort().values for n, m in targets.items()}
-    trainable = prepare_trainable(trained, "shira", impl=impl, positions=positions)
-    assert trainable.num_parameters == 50 * len(targets)
-    optimizer = torch.optim.AdamW([trainable.param_group(0.1)], lr=1e-2)
-    inputs = _step_inputs(trained, generator)
-    for _ in range(3):
-        trained(*inputs).sample.square().mean().backward()
-        trainable.decay_toward_base(1e-2, 0.1)
-        optimizer.step()
-        optimizer.zero_grad()
-    with torch.no_grad():
-        expected = trained(*inputs).sample
-    for name, module in targets.items():  # neither gradients, Adam's moments nor weight decay moved anything else
-        moved = torch.nonzero(module.weight.detach().view(-1) != base[f"{name}.weight"].view(-1)).flatten()
-        assert set(moved.tolist()) <= set(positions[name].tolist())
-    deltas = trainable.export()
-    assert all(d.deltas.abs().max() > 0 for d in deltas.values())
-    pipe.load_shira_weights(ShiraAdapter({"unet": deltas}))
-    with torch.no_grad():
-        ours = pipe.unet(*inputs).sample
-    if impl == "sparse":
-        assert torch.equal(ours, expected)  # fp32(W0[p] + v) both ways: bit-identical
-    else:
-        assert torch.allclose(ours, expected, atol=1e-6)  # W - W0, then W0 + delta: one rounding
-    trainable.remove()  # leaves W0 + delta in the model and its own forward
-    with torch.no_grad():
-        assert torch.allclose(trained(*inputs).sample, expected, atol=1e-6)
-    assert not any("shira" in n for n, _ in trained.named_parameters())
-
-
-def test_plain_adamw_decay_would_move_masked_out_weights():
-    """Why the hook impl needs its own decay: AdamW's decoupled decay shrinks every weight it holds."""
-    layer = nn.Linear(8, 8)
-    before = layer.weight.detach().clone()
-    layer.weight.grad = torch.zeros_like(layer.weight)
-    torch.optim.AdamW([layer.weight], lr=1e-2, weight_decay=0.1).step()
-    assert not torch.equal(layer.weight.detach(), before)
-
-
-def test_sparse_impl_keeps_no_full_size_weight_for_backward():
-    """A parametrization (or PEFT's SHiRA layer) hands W0 + scatter(v) to F.linear, which saves it until
-    backward; the sparse impl rebuilds it in backward instead. Checked through what autograd saves."""
-
-    def saved_shapes(unet, inputs):
-        parameters = {p.untyped_storage().data_ptr() for p in unet.parameters()}
-        shapes = []
-
-        def pack(tensor):
-            if tensor.untyped_storage().data_ptr() not in parameters:
-                shapes.append(tuple(tensor.shape))
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            unet(*inputs).sample.sum()
-        return shapes
-
-    class Scatter(nn.Module):
-        def __init__(self, positions):
-            super().__init__()
-            self.positions, self.values = positions, nn.Parameter(torch.zeros(positions.numel()))
-
-        def forward(self, weight):
-            return weight.flatten().index_add(0, self.positions, self.values).view_as(weight)
-
-    generator = torch.Generator().manual_seed(0)
-    shapes = {}
-    for variant in ("sparse", "parametrization"):
-        unet = tiny_pipeline("sd").unet.requires_grad_(False)
-        targets = find_targets(unet, UNET_TARGETS)
-        positions = {n: torch.arange(0, m.weight.numel(), 7) for n, m in targets.items()}
-        if variant == "sparse":
-            prepare_trainable(unet, "shira", positions=positions)
-        else:
-            for name, module in targets.items():
-                parametrize.register_parametrization(module, "weight", Scatter(positions[name]))
-        weight_shapes = {tuple(m.weight.shape) for m in targets.values()}
-        shapes[variant] = [s for s in saved_shapes(unet, _step_inputs(unet, generator)) if s in weight_shapes]
-    assert shapes["parametrization"] and not shapes["sparse"], shapes
-
-
-def test_sparse_impl_holds_positions_as_int32_and_exports_the_mask_positions():
-    """4 bytes per position instead of int64's 8: a quarter of the adapter's per-value training state."""
-    unet = tiny_pipeline("sd").unet.requires_grad_(False)
-    targets = find_targets(unet, UNET_TARGETS)
-    positions = {n: torch.arange(3, m.weight.numel(), 5) for n, m in targets.items()}
-    trainable = prepare_trainable(unet, "shira", positions=positions)
-    assert {m.shira_positions.dtype for m in targets.values()} == {torch.int32}
-    deltas = trainable.deltas()
-    assert all(torch.equal(deltas[f"{n}.weight"].positions, positions[n]) for n in targets)
-
-
-@pytest.mark.parametrize("density", [0.03, 0.5])  # below SAMPLED_DENSITY: dW at the positions only; above: dense dW
-def test_sparse_impl_value_gradients_match_the_dense_weight_gradient(monkeypatch, density):
-    from shira_diffusion import trainables
-
-    calls, sampled = [], trainables._sampled_grad
-    monkeypatch.setattr(trainables, "_sampled_grad", lambda *args: calls.append(1) or sampled(*args))
-    generator = torch.Generator().manual_seed(0)
-    layer = nn.Linear(48, 80)
-    nn.init.normal_(layer.weight, generator=generator)
-    x = torch.randn(2, 7, 48, generator=generator)
-    positions = torch.randperm(layer.weight.numel(), generator=generator)[: int(density * layer.weight.numel())].sort().values
-    reference = nn.Linear(48, 80)
-    reference.load_state_dict(layer.state_dict())
-    reference(x).square().sum().backward()
-    trainable = trainables.ShiraTrainable(nn.Sequential(layer), {"0": positions})
-    layer(x).square().sum().backward()
-    assert len(calls) == (density <= trainables.SAMPLED_DENSITY)
-    torch.testing.assert_close(layer.shira_values.grad, reference.weight.grad.view(-1)[positions], rtol=1e-5, atol=1e-4)
-    assert trainable.num_parameters == positions.numel()
-
-
-@pytest.mark.parametrize("input_grad", [False, True])
-@pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_sparse_impl_gradients_match_the_dense_model_for_linears_and_convs(kind, input_grad):
-    from shira_diffusion import trainables
-
-    generator = torch.Generator().manual_seed(1)
-    layer = nn.Linear(24, 40) if kind == "linear" else nn.Conv2d(6, 10, 3, padding=1, stride=2)
-    nn.init.normal_(layer.weight, generator=generator)
-    shape = (2, 5, 24) if kind == "linear" else (2, 6, 9, 9)
-    x = torch.randn(*shape, generator=generator)
-    reference = copy.deepcopy(layer)
-    x_ref = x.clone().requires_grad_(input_grad)
-    reference(x_ref).square().sum().backward()
-    positions = torch.randperm(layer.weight.numel(), generator=generator)[: layer.weight.numel() // 4].sort().values
-    trainables.ShiraTrainable(nn.Sequential(layer), {"0": positions})
-    x_ours = x.clone().requires_grad_(input_grad)
-    layer(x_ours).square().sum().backward()
-    torch.testing.assert_close(layer.shira_values.grad, reference.weight.grad.reshape(-1)[positions], rtol=1e-5, atol=1e-4)
-    if input_grad:
-        torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
-
-
-def test_tracked_sparse_impl_rewrites_the_weight_once_per_change_of_the_values(monkeypatch):
-    from shira_diffusion import kernels
-
-    writes = []
-    add_scatter = kernels.add_scatter
-    monkeypatch.setattr(kernels, "add_scatter", lambda jobs: writes.extend(jobs) or add_scatter(jobs))
-    generator = torch.Generator().manual_seed(0)
-    layer = nn.Linear(16, 12)
-    positions = torch.arange(0, layer.weight.numel(), 9)
-    base = layer.weight.detach().clone().view(-1)
-    trainable = ShiraTrainable(nn.Sequential(layer), {"0": positions})
-    optimizer = torch.optim.AdamW([trainable.param_group(0.0)], lr=0.1)
-    x = torch.randn(3, 16, generator=generator)
-
-    def expected_weight():
-        expected = base.clone()
-        expected[positions] = base[positions] + layer.shira_values.detach()
-        return expected.view_as(layer.weight)
-
-    layer(x), layer(x)
-    assert len(writes) == 2  # untracked: every forward writes
-    trainable.track(optimizer)
-    layer(x).square().sum().backward()
-    layer(x)
-    assert len(writes) == 3  # tracked: the second forward finds the values it wrote
-    optimizer.step()
-    assert len(writes) == 4 and torch.equal(layer.weight, expected_weight())  # a step: written by its hook
-    layer(x)
-    assert len(writes) == 4
-    with torch.no_grad():
-        layer.shira_values.add_(1.0)  # any in-place change autograd sees (a checkpoint load) counts too
-    layer(x)
-    assert len(writes) == 5 and torch.equal(layer.weight, expected_weight())
-
-
-def test_shira_budget_r_matches_lora_rank_r_parameter_count():
-    shira = prepare_trainable(tiny_pipeline("sd").unet.requires_grad_(False), "shira", rank=4)
-    lora = prepare_trainable(tiny_pipeline("sd").unet.requires_grad_(False), "lora", rank=4)
-    assert shira.num_parameters == lora.num_parameters == sum(
-        mask_budget(tuple(m.weight.shape), r=4) for m in find_targets(tiny_pipeline("sd").unet, UNET_TARGETS).values())
 
 
 def test_resumed_run_ends_with_the_same_adapter(setup):
@@ -384,7 +196,7 @@ def test_bad_training_input_gives_clear_errors_before_training(setup, tmp_path, 
         (data + ["--pretrained_vae_model_name_or_path", str(tmp_path / "novae")], "novae: no such model folder"),
         (data + ["--sample_batch_size", "0"], "--sample_batch_size must be a positive integer, got 0"),
         (data + ["--hub_token", "secret", "--report_to", "wandb"], "--hub_token with --report_to wandb would expose the token"),
-        (data + ["--text_encoder_lr", "1e-5"], "--text_encoder_lr 1e-05: needs --train_text_encoder"),
+        (data + ["--text_encoder_lr", "1e-5"], "--text_encoder_lr 1e-05 needs --train_text_encoder"),
         (data + ["--adapter", "lora", "--lora_dropout", "1"], r"--lora_dropout must be in \[0, 1\), got 1.0"),
     ]
     for extra, message in cases:
@@ -404,12 +216,12 @@ def test_user_errors_are_reported_before_any_model_loads(setup, tmp_path, capsys
     """Each case: `error: ...` and exit 2 from checks that need no weights (loading one would fail the test)."""
     import importlib.util
 
-    from shira_diffusion import training
+    from shira_diffusion.training import loop
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the error")
 
-    monkeypatch.setattr(training, "_load_models", no_loading)
+    monkeypatch.setattr(loop, "load_family", no_loading)
     out = tmp_path / "out"
     base = ["train", "--pretrained_model_name_or_path", setup["model"], "--train_data_dir", setup["data"], "--output_dir", str(out),
             "--resolution", "32", "--report_to", "none"]
@@ -481,77 +293,23 @@ def test_checkpoint_folders_with_other_names_are_not_the_runs(tmp_path):
 
 
 def test_prior_pairs_use_every_class_image_up_to_num_class_images(tmp_path):
-    from shira_diffusion.data import StyleDataset, read_image_folder
-    from shira_diffusion.training import _class_records, _PriorPairs
+    from shira_diffusion.data import DataSource, ImageCaptions, StyleDataset, load_examples
+    from shira_diffusion.training.prior import PriorPairs, class_examples
 
     instances = draw_style_folder(tmp_path / "instances", count=2)
     classes = draw_style_folder(tmp_path / "classes", count=6, captions=False)
     (classes / "9.png").write_bytes(b"not a png")  # after the first --num_class_images: never opened
     run = TrainingConfig(pretrained_model_name_or_path="m", train_data_dir=str(instances), with_prior_preservation=True,
                          class_data_dir=classes, class_prompt="a shape", num_class_images=5)
-    records = _class_records(run)
-    assert [(p.name, c) for p, c in records] == [(f"{i}.png", "a shape") for i in range(5)]
-    named = [(path, path.name) for path, _ in records]  # captions = file names, to see which image each example is
-    pairs = _PriorPairs(StyleDataset(read_image_folder(instances), 32, True, False, 0), StyleDataset(named, 32, True, False, 1))
+    found = class_examples(run)
+    assert [(Path(found.name(i)).name, found.captions[i]) for i in range(len(found))] == [(f"{i}.png", "a shape") for i in range(5)]
+    named = ImageCaptions(found.images, [p.name for p in found.images], "class images")  # captions = file names: which image is which
+    pairs = PriorPairs(StyleDataset(load_examples(DataSource(train_data_dir=str(instances))), 32, True, False, 0), StyleDataset(named, 32, True, False, 1))
     assert len(pairs) == 5  # max(2 instances, 5 class images), as diffusers' DreamBoothDataset
     seen = [(pairs[i][0]["caption"], pairs[i][1]["caption"]) for i in range(len(pairs))]
     assert [c for _, c in seen] == [f"{i}.png" for i in range(5)]
     assert [i for i, _ in seen] == ["shape 0, blue fire style", "shape 1, blue fire style"] * 2 + ["shape 0, blue fire style"]
 
-
-def test_images_are_read_upright_and_high_bit_depth_pngs_are_scaled(tmp_path, capsys):
-    from shira_diffusion.data import StyleDataset, open_image, read_image_folder
-    from shira_diffusion.datasets import check_dataset
-
-    folder = tmp_path / "modes"
-    folder.mkdir()
-    upright = np.zeros((64, 32, 3), np.uint8)
-    upright[:16] = 255  # a white band at the top of a 32 wide, 64 high photo
-    exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation 6: stored rotated, shown after turning 90 degrees clockwise
-    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(folder / "phone.jpg", exif=exif, quality=100)
-    gradient = np.linspace(0, 65535, 48 * 48).reshape(48, 48).astype(np.uint16)
-    Image.fromarray(gradient).save(folder / "deep.png")
-    assert Image.open(folder / "deep.png").mode == "I;16"
-    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "phone.jpg", "text": "a"}) + "\n" + json.dumps({"file_name": "deep.png", "text": "b"}))
-
-    phone = np.asarray(open_image(folder / "phone.jpg"))
-    assert phone.shape == (64, 32, 3) and phone[:12].mean() > 230 and phone[20:].mean() < 25  # upright
-    deep = np.asarray(open_image(folder / "deep.png"))
-    assert deep.dtype == np.uint8 and np.abs(deep[..., 0].astype(float) - gradient / 257).max() <= 0.5  # scaled, not clipped
-    dataset = StyleDataset(read_image_folder(folder), 32, True, False, 0)
-    assert dataset[1]["original_size"] == (64, 32)  # SDXL's original_size: the upright height and width
-    assert abs(float(dataset[0]["pixel_values"].mean())) < 0.1  # the gradient: mean grey, not near-white (~0.98)
-    defects, stats = check_dataset(folder, resolution=48)
-    assert [str(d) for d in defects] == ["phone.jpg: 32x64 is smaller than the training resolution 48"]  # upright size
-    assert stats["images"] == 2
-
-
-def test_null_caption_is_an_error_naming_the_line(tmp_path, capsys):
-    from shira_diffusion.data import read_image_folder
-
-    folder = draw_style_folder(tmp_path / "nulls", count=2)
-    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": "x"}) + "\n" + json.dumps({"file_name": "1.png", "text": None}))
-    with pytest.raises(ValueError, match=r"metadata.jsonl:2: \"text\" of 1.png must be a non-empty string, got null"):
-        read_image_folder(folder)
-    assert main(["dataset", "check", str(folder)]) == 1
-    assert 'metadata.jsonl:2: "text" of 1.png must be a non-empty string' in capsys.readouterr().out
-
-
-def test_lora_factors_are_fp32_masters_on_a_bf16_model():
-    unet = tiny_pipeline("sd").unet.requires_grad_(False).to(torch.bfloat16)
-    trainable = prepare_trainable(unet, "lora", rank=4)
-    factors = trainable.named_parameters()
-    assert factors and all(p.dtype == torch.float32 for _, p in factors)
-    before = {n: p.detach().clone() for n, p in factors if "lora_A" in n}
-    optimizer = torch.optim.AdamW([trainable.param_group(1e-2)], lr=1e-4)
-    sample, timestep, hidden = _step_inputs(unet, torch.Generator().manual_seed(0))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        unet(sample.bfloat16(), timestep, hidden.bfloat16()).sample.float().square().mean().backward()
-    optimizer.step()
-    # lora_B starts at 0, so lora_A's first step is AdamW's decay, a 1e-6 relative change: bf16 rounds it away
-    changed = sum(int((p.detach() != before[n]).sum()) for n, p in factors if "lora_A" in n)
-    assert changed == sum(p.numel() for p in before.values())
 
 
 def test_path_model_logged_loss_of_partial_accumulation_repeats_step_rules_and_no_token_in_logs(setup):
@@ -600,7 +358,8 @@ def test_dreambooth_flags_scale_lr_schedule_cycles_vae_and_push_to_hub(setup, tm
     from diffusers import AutoencoderKL
     from huggingface_hub.utils import filter_repo_objects
 
-    from shira_diffusion.training import _load_models
+    from shira_diffusion.families import StableDiffusion, load_family
+    from shira_diffusion.training import with_family_defaults
 
     args = build_parser().parse_args(["train", "--pretrained_model_name_or_path", "m", "--instance_data_dir", "d"])
     assert config_from_dict(vars(args)).train_data_dir == "d"  # diffusers' DreamBooth name for the data folder
@@ -635,7 +394,8 @@ def test_dreambooth_flags_scale_lr_schedule_cycles_vae_and_push_to_hub(setup, tm
     run = config(setup, "flags", max_train_steps=4, train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3,
                  scale_lr=True, lr_scheduler="cosine_with_restarts", lr_num_cycles=2, checkpointing_steps=2,
                  pretrained_vae_model_name_or_path=str(tmp_path / "vae"), push_to_hub=True, hub_model_id="me/style", hub_token="t")
-    assert torch.equal(_load_models(run, setup["model"])[3].encoder.conv_in.weight, vae.encoder.conv_in.weight)
+    loaded = load_family(with_family_defaults(run, "sd"), StableDiffusion).pipe.vae
+    assert torch.equal(loaded.encoder.conv_in.weight, vae.encoder.conv_in.weight)
     result = train(run)
     # --scale_lr: 1e-3 x 2 accumulation x 2 per batch x 1 process; two cosine cycles over 4 steps: peak, half, peak, half
     assert result.learning_rates == pytest.approx([4e-3, 2e-3, 4e-3, 2e-3])

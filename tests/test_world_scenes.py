@@ -1,12 +1,13 @@
 """The shapes world's renderer, styles, tokenizer and style datasets: ground truth and determinism."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from shira_diffusion.data import read_image_folder
+from shira_diffusion.data import DataSource, load_examples
 from shira_diffusion.world import (
     BACKGROUNDS, COLOURS, HELDOUT, SHAPES, STYLE_SETS, STYLES, Scene, combinations, render, sample_scene, stylize,
     write_style_dataset,
@@ -81,7 +82,8 @@ def test_every_world_word_is_one_token(tmp_path):
 @pytest.mark.parametrize("style", list(STYLE_SETS))
 def test_style_datasets_have_the_papers_sizes_and_load_in_the_trainer(tmp_path, style):
     folder = write_style_dataset(tmp_path / "set", style, seed=3)
-    records = read_image_folder(folder)
+    examples = load_examples(DataSource(train_data_dir=str(folder)))
+    records = [(Path(examples.name(i)), examples.captions[i]) for i in range(len(examples))]
     recipe = STYLE_SETS[style]
     assert len(records) == len(recipe.concepts) * recipe.images_per_concept == {"blue fire": 54, "painting": 90}[style]
     assert all(caption.endswith(STYLES[style][0]) for _, caption in records)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..trainables import ADAPTERS
 from . import positive_int, resolution
 
 LIVE_CHOICES = ("shira:blue fire", "shira:painting", "lora:blue fire", "lora:painting")
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
         results = run_world_demo(WorldDemoConfig(args.out, _live(args.live), args.seeds, args.steps, args.seed))
         print(f"report: {args.out}/report.md")
-        for method, table in ((m, results["judge"][m]) for m in ("shira", "lora")):
+        for method, table in ((m, results["judge"][m]) for m in ADAPTERS):
             print(f"  {method}: concept retention under fusion " + ", ".join(f"{s} {v:.2f}" for s, v in table["retention"].items()))
         for name, ms in results["switch_ms"].items():
             print(f"  {name}: {ms:.2f} ms")

@@ -19,6 +19,7 @@ from dataclasses import fields
 from importlib import resources
 from pathlib import Path
 
+from ..trainables import ADAPTERS
 from ..training import TrainingConfig
 from .model import RESOLUTION, model_dir
 
@@ -26,8 +27,10 @@ RECIPE = dict(
     resolution=RESOLUTION, random_flip=True, train_batch_size=8, max_train_steps=250, learning_rate=3e-3,
     lr_scheduler="constant", lr_warmup_steps=0, rank=4, shira_r=4, mask="struct", report_to="none",
     checkpointing_steps=0, seed=0,
+    # the world UNet's attention and feed-forward linears (the shipped adapters were trained on these)
+    target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
 )
-METHODS = ("shira", "lora")
+METHODS = ADAPTERS
 
 
 def training_config(style: str, data_dir: str | Path, output_dir: str | Path, method: str = "shira", **overrides) -> TrainingConfig:
@@ -50,7 +53,8 @@ def train_command(data_dir: str, output_dir: str, method: str = "shira", **overr
         value = getattr(config, field.name)
         if field.name in skip or value == getattr(defaults, field.name):
             continue
-        parts.append(f"--{field.name}" if value is True else f"--{field.name} {value}")
+        text = " ".join(value) if isinstance(value, list) else value
+        parts.append(f"--{field.name}" if value is True else f"--{field.name} {text}")
     return " ".join(parts)
 
 
