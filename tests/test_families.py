@@ -36,7 +36,7 @@ def world(tmp_path_factory):
 
 
 def _config(root: Path, kind: str, data: Path, out: Path, **overrides) -> TrainingConfig:
-    values = dict(pretrained_model_name_or_path=str(root / kind), train_data_dir=str(data), output_dir=str(out), resolution=32,
+    values = dict(pretrained_model_name_or_path=str(root / kind), train_data_dir=str(data) if data else None, output_dir=str(out), resolution=32,
                   train_batch_size=4, max_train_steps=20, learning_rate=1e-2, lr_warmup_steps=0, report_to="none", seed=0,
                   mask="struct", target_modules=["to_q", "to_k", "to_v"], checkpointing_steps=0, no_progress_bar=True)
     if kind in FLOW:
@@ -170,3 +170,20 @@ def test_prodigy_trains_and_needs_its_package(world, tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "prodigyopt" else find_spec(name, *a))
     with pytest.raises(ConfigError, match="prodigyopt"):
         validate_config(_config(root, "sd", data, tmp_path / "out2", optimizer="Prodigy"))
+
+
+@pytest.mark.parametrize("source", ["save_to_disk", "imagefolder"])
+def test_a_dataset_trains_through_dataset_name(world, tmp_path, source):
+    """A Hub-style dataset saved with save_to_disk, and a local imagefolder folder, as --dataset_name."""
+    import datasets
+
+    root, data = world
+    if source == "save_to_disk":
+        images = sorted(data.glob("*.png"))
+        table = datasets.Dataset.from_dict({"picture": [str(p) for p in images], "prompt": [f"shape {i}" for i in range(len(images))]})
+        table.cast_column("picture", datasets.Image()).save_to_disk(str(tmp_path / "saved"))
+        name, columns = str(tmp_path / "saved"), {"image_column": "picture", "caption_column": "prompt"}
+    else:  # a folder with metadata.jsonl, read by datasets' imagefolder builder
+        name, columns = str(data), {"caption_column": "text"}
+    result = train(_config(root, "sd", None, tmp_path / "out", dataset_name=name, max_train_steps=2, train_batch_size=2, **columns))
+    assert result.global_step == 2 and ShiraAdapter.load(result.adapter_path).num_parameters == result.trainable_parameters
