@@ -13,6 +13,7 @@ Usage: config = with_family_defaults(TrainingConfig(pretrained_model_name_or_pat
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 
 class ConfigError(ValueError):
@@ -149,7 +150,7 @@ class TrainingConfig:
     no_progress_bar: bool = False
     hub_token: str | None = None
     adapter: str = "shira"
-    mask: str = "snip"
+    mask: str | Callable = "snip"  # from Python also a mask function or masks.Mask (see masks.MaskFn)
     density: float = 0.02
     shira_r: int | None = None
     impl: str = "sparse"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +82,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def finishes(fifo: Path, work, timeout: float = 120.0):
+    """work() in a thread; if it blocks (opened the FIFO), unblock it by writing to the FIFO and fail."""
+    result = {}
+
+    def target():
+        try:
+            result["value"] = work()
+        except BaseException as error:  # noqa: BLE001 -- re-raised in the test's thread
+            result["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the blocked reader gets EOF
+        thread.join(30)
+        pytest.fail(f"blocked on the FIFO {fifo.name}")
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")

@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import struct
-import threading
 import zlib
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from shira_diffusion.cli import main
 from shira_diffusion.data import DatasetError, DataSource, ImageCaptions, StyleDataset, collate, load_examples, open_image, scan_folder
 from shira_diffusion.datasets import check_dataset
 
-from .helpers import draw_style_folder
+from .helpers import draw_style_folder, finishes
 
 datasets.disable_progress_bars()
 
@@ -54,28 +53,6 @@ def table(count: int = 4, images: list[bytes] | None = None, texts: list | None 
 def saved(path: Path, data) -> str:
     data.save_to_disk(str(path))
     return str(path)
-
-
-def finishes(fifo: Path, work, timeout: float = 60.0):
-    """work() in a thread; if it blocks (opened the FIFO), unblock it by writing to the FIFO and fail."""
-    result = {}
-
-    def target():
-        try:
-            result["value"] = work()
-        except BaseException as error:  # noqa: BLE001 -- re-raised in the test's thread
-            result["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        thread.join(30)
-        pytest.fail(f"blocked on the FIFO {fifo.name}")
-    if "error" in result:
-        raise result["error"]
-    return result.get("value")
 
 
 def files_under(folder: Path) -> set[str]:

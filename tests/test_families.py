@@ -187,3 +187,14 @@ def test_a_dataset_trains_through_dataset_name(world, tmp_path, source):
         name, columns = str(data), {"caption_column": "text"}
     result = train(_config(root, "sd", None, tmp_path / "out", dataset_name=name, max_train_steps=2, train_batch_size=2, **columns))
     assert result.global_step == 2 and ShiraAdapter.load(result.adapter_path).num_parameters == result.trainable_parameters
+
+
+def test_a_mask_function_from_python_trains_and_is_recorded(world, tmp_path):
+    def first_rows(weight, k, **_):  # PEFT-style mask_fn: the first k entries, i.e. whole leading rows
+        return torch.arange(k)
+
+    root, data = world
+    result = train(_config(root, "sd", data, tmp_path / "out", mask=first_rows, max_train_steps=2, train_batch_size=2))
+    adapter = ShiraAdapter.load(result.adapter_path)
+    assert adapter.mask_type.startswith("custom:") and adapter.mask_type.endswith("first_rows")
+    assert all(torch.equal(delta.positions, torch.arange(delta.numel)) for _, _, delta in adapter.items())

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import struct
-import threading
 import zlib
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from shira_diffusion.data import DatasetError, DataSource, load_examples
 from shira_diffusion.datasets import check_dataset
 from shira_diffusion.testing import tiny_pipeline
 
-from .helpers import draw_style_folder
+from .helpers import draw_style_folder, finishes
 
 
 @pytest.fixture(scope="module")
@@ -50,28 +49,6 @@ def last_error(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.splitlines()[-1].startswith("error: "), err
     return err.splitlines()[-1]
-
-
-def finishes(fifo: Path, work, timeout: float = 120.0):
-    """work() in a thread; if it blocks (opened the FIFO), unblock it by writing to the FIFO and fail."""
-    result = {}
-
-    def target():
-        try:
-            result["value"] = work()
-        except BaseException as error:  # noqa: BLE001 -- re-raised in the test's thread
-            result["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the blocked reader gets EOF
-        thread.join(30)
-        pytest.fail(f"blocked on the FIFO {fifo.name}")
-    if "error" in result:
-        raise result["error"]
-    return result.get("value")
 
 
 # ---- data listings ---------------------------------------------------------------------------------------

@@ -13,12 +13,26 @@ rounding, fp32(W0[p]) + v -> weight dtype, as the scatter engine loads an adapte
 reproduces the trained model bit for bit in fp32. Weight decay applies to the values, i.e. pulls the weights
 toward the base model (as LoRA's does to A, B).
 
+Sharded data parallel (FSDP2 `fully_shard`, FSDP1 with use_orig_params): the values are a parameter like any other,
+so FSDP shards them with the frozen weights and reduce-scatters their gradients. FSDP all-gathers a module's weight
+into a fresh buffer before its forward and again before its backward, and frees it after: a write into that buffer
+is lost, and a once-per-step write into the sharded tensor would land at the wrong flat positions (out of bounds: a
+crash). DeepSpeed ZeRO's optimizer steps flat fp32 copies and writes the values back after the step hook. So a
+module is tracked (written once per step) only while its weight is the tensor `track` saw (FSDP2 swaps in new
+ones) and, from the first step on, only if that step found the weight whole and the values among the optimizer's
+own parameters (not so under FSDP1, which keeps the tensors but swaps their data, nor under DeepSpeed); otherwise
+its forward writes W0[p] + v, and its backward writes again before reading the weight (nothing to do when tracked).
+A sharded weight is never written. The bits are the same in every case (W0[p] + v is recomputed from `shira_base`,
+never accumulated), so a sharded run computes what an unsharded one does. The trainer does not track under FSDP /
+DeepSpeed at all (FSDP1's first step comes before any step hook could tell).
+
 Usage: trainable = SparseShiraTrainable(unet, {"...attn1.to_q": positions}); trainable.track(optimizer)
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +71,7 @@ class SparseShiraTrainable(ShiraTrainableBase):
         module.register_buffer("shira_positions", positions, persistent=False)
         module.register_buffer("shira_base", weight.detach().view(-1).index_select(0, positions), persistent=False)  # W0 there
         module.register_parameter("shira_values", nn.Parameter(torch.zeros(positions.numel(), device=weight.device)))
+        module.__dict__["shira_shape"] = tuple(weight.shape)  # plain attribute: FSDP may hand the module a flat shard
         module.forward = _sparse_forward(module)
         return positions
 
@@ -72,8 +87,10 @@ class SparseShiraTrainable(ShiraTrainableBase):
         hook still sees it)."""
         for module in self.modules.values():
             module.shira_written = ()
+            # weakref: a Parameter set as an attribute would be registered as a second parameter
+            module.__dict__["shira_tracked"] = weakref.ref(module.weight)
         modules = list(self.modules.values())
-        self.hooks.append(optimizer.register_step_post_hook(lambda *_: _write_effective(modules, force=True)))
+        self.hooks.append(optimizer.register_step_post_hook(lambda *_: _after_step(modules, optimizer)))
 
     def decay_toward_base(self, lr: float, weight_decay: float) -> None:
         """Nothing to do: AdamW's own decay acts on the values, i.e. toward the base weights."""
@@ -82,12 +99,21 @@ class SparseShiraTrainable(ShiraTrainableBase):
         """Nothing to do."""
 
     def _trained_values(self, name: str, module: nn.Module) -> torch.Tensor:
-        return module.shira_values.detach().float()
+        values = module.shira_values.detach()
+        if hasattr(values, "full_tensor"):  # FSDP2 keeps a DTensor shard here: a collective, every rank calls export()
+            values = values.full_tensor()
+        if values.numel() != module.shira_base.numel():
+            raise RuntimeError(f"{name}: the SHiRA values are sharded ({values.numel()} of {module.shira_base.numel()}); "
+                               "export inside FSDP1's summon_full_params, or use FSDP2")
+        return values.float()
 
     def _detach(self, module: nn.Module) -> None:
         if "shira_values" in module._parameters:
             module.__dict__.pop("shira_written", None)
-            _write_effective([module])  # the values may have changed since the last forward
+            module.__dict__.pop("shira_tracked", None)
+            if not _sharded(module):  # the values may have changed since the last forward (a shard holds only W0)
+                _write_effective([module])
+            module.__dict__.pop("shira_shape", None)
             del module.forward, module._parameters["shira_values"], module._buffers["shira_positions"], module._buffers["shira_base"]
 
 
@@ -97,15 +123,53 @@ def _write_effective(modules: list[nn.Module], force: bool = False) -> None:
     loads): no full-size copy.
 
     Under `track(optimizer)` a module is skipped while its values are those last written (same tensor, same
-    autograd version); the optimizer's step hook writes all of them with `force`.
+    autograd version) into the weight tensor `track` saw; the optimizer's step hook writes all of them with
+    `force`, except weights FSDP holds sharded (their next forward writes the gathered copy).
     """
-    stale = [m for m in modules if force or m.__dict__.get("shira_written") != (m.shira_values.data_ptr(), m.shira_values._version)]
+    if force:
+        stale = [m for m in modules if _tracked(m)]
+    else:
+        stale = [m for m in modules if not (_tracked(m) and m.shira_written == _written_key(m))]
     if not stale:
         return
+    for module in stale:
+        if _sharded(module):  # flat positions index the whole weight; a shard would be written out of place
+            raise RuntimeError(f"{type(module).__name__}: its weight is sharded ({tuple(module.weight.shape)}, expected "
+                               f"{module.shira_shape}) at a SHiRA write; FSDP1 needs use_orig_params=True")
     kernels.add_scatter([(m.weight, m.shira_positions, m.shira_base, m.shira_values.detach()) for m in stale])
     for module in stale:
-        if "shira_written" in module.__dict__:  # tracked; untracked modules (no entry) write at every forward
-            module.shira_written = (module.shira_values.data_ptr(), module.shira_values._version)
+        if _tracked(module):  # untracked modules (no entry, or FSDP's gathered copies) write at every forward
+            module.shira_written = _written_key(module)
+
+
+def _written_key(module: nn.Module) -> tuple[int, int, int]:
+    """What a tracked write is valid for: these values (tensor, autograd version) in this weight's memory."""
+    return module.shira_values.data_ptr(), module.shira_values._version, module.weight.data_ptr()
+
+
+def _after_step(modules: list[nn.Module], optimizer: torch.optim.Optimizer) -> None:
+    """The tracking optimizer's step hook: confirm (or give up) tracking per module, write the tracked ones.
+
+    A module stays tracked while its weight is whole and its values are a parameter of this optimizer (not so
+    under FSDP, which shards the weight between forwards, nor DeepSpeed, whose optimizer holds flat copies);
+    one that fails is untracked for good: it writes at every forward and backward."""
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for module in modules:
+        if _tracked(module) and (_sharded(module) or id(module.shira_values) not in params):
+            module.shira_tracked = False
+    _write_effective(modules, force=True)
+
+
+def _tracked(module: nn.Module) -> bool:
+    """Tracked by an optimizer (not given up by a step), and the weight is still the tensor `track` saw."""
+    tracked = module.__dict__.get("shira_tracked")
+    return bool(tracked) and tracked() is module.weight
+
+
+def _sharded(module: nn.Module) -> bool:
+    """The module holds a shard (an FSDP2 DTensor, an FSDP1 flat view) rather than the whole weight."""
+    weight = module.weight
+    return hasattr(weight, "full_tensor") or tuple(weight.shape) != module.shira_shape
 
 
 def _sparse_forward(module: nn.Module):
@@ -147,6 +211,8 @@ class _SparseDeltaOp(torch.autograd.Function):
     def backward(ctx, grad_output):
         (x,) = ctx.saved_tensors
         module, need_x, need_values = ctx.module, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # FSDP gathers the weight again for the backward, W0 only: write W0 + v into it (tracked: nothing to do)
+        _write_effective([module])
         weight, positions = module.weight, module.shira_positions
         grad_output = grad_output.to(ctx.dtype)
         grad_x = grad_w = grad_values = None

@@ -16,6 +16,7 @@ Usage:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import resource
@@ -160,9 +161,8 @@ def train(config: TrainingConfig) -> TrainingResult:
 
 # ---- set-up ---------------------------------------------------------------------------------------------
 def _data_source(config: TrainingConfig) -> DataSource:
-    return DataSource(train_data_dir=config.train_data_dir, dataset_name=config.dataset_name, dataset_config_name=config.dataset_config_name,
-                      image_column=config.image_column, caption_column=config.caption_column, cache_dir=config.cache_dir,
-                      instance_prompt=config.instance_prompt)
+    """The run's data flags (DataSource's fields are TrainingConfig fields of the same names)."""
+    return DataSource(**{field.name: getattr(config, field.name) for field in dataclasses.fields(DataSource)})
 
 
 def _run_seed(config: TrainingConfig, checkpoint: Path | None) -> int:
@@ -188,6 +188,10 @@ def _make_accelerator(config: TrainingConfig, output_dir: Path) -> Any:
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)),
     )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes == 1:  # e.g. an FSDP config on CPU: N independent runs into one folder
+        raise ConfigError(f"{world} processes were launched but accelerate runs each alone ({accelerator.distributed_type.value}): "
+                          "FSDP / DeepSpeed need GPUs in accelerate; on CPU run DDP with torchrun and ACCELERATE_USE_CPU=true")
     if _trains_full_weights(config) and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         raise ConfigError(f"--impl {config.impl} masks .grad of full weights, which DeepSpeed / FSDP own; use --impl sparse")
     if "fp16" in (config.mixed_precision, accelerator.mixed_precision) and accelerator.device.type == "cpu":
@@ -241,7 +245,7 @@ def _make_dataloader(config: TrainingConfig, examples: ImageCaptions, seed: int,
     dataset = StyleDataset(examples, config.resolution, config.center_crop, config.random_flip, seed, repeats=config.repeats)
     if config.with_prior_preservation:
         if accelerator.is_main_process:
-            generate_class_images(config, accelerator.device)
+            generate_class_images(config, accelerator.device, seed)
         accelerator.wait_for_everyone()
         dataset = PriorPairs(dataset, StyleDataset(class_examples(config), config.resolution, config.center_crop, config.random_flip, seed + 1))
     order = torch.Generator().manual_seed(seed)

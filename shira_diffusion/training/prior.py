@@ -4,7 +4,7 @@ Invariant: generation only adds images (to `--class_data_dir`, up to `--num_clas
 and never overwrites one; every class image is used each epoch, whichever set is larger.
 
 Usage:
-    generate_class_images(config, device); classes = class_examples(config)
+    generate_class_images(config, device, seed); classes = class_examples(config)
     dataset = PriorPairs(instances, StyleDataset(classes, ...)); loader = DataLoader(dataset, collate_fn=collate_pairs)
 """
 
@@ -23,7 +23,7 @@ def class_examples(config: TrainingConfig) -> ImageCaptions:
     return load_examples(DataSource(train_data_dir=config.class_data_dir), limit=config.num_class_images, caption=config.class_prompt)
 
 
-def generate_class_images(config: TrainingConfig, device: torch.device) -> None:
+def generate_class_images(config: TrainingConfig, device: torch.device, seed: int) -> None:
     """Fill --class_data_dir up to --num_class_images with base-model images of --class_prompt."""
     from diffusers import DiffusionPipeline
 
@@ -37,7 +37,7 @@ def generate_class_images(config: TrainingConfig, device: torch.device) -> None:
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     pipe = DiffusionPipeline.from_pretrained(config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant).to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device=device).manual_seed(config.seed or 0)
+    generator = torch.Generator(device=device).manual_seed(seed)
     for start in range(0, missing, config.sample_batch_size):
         count = min(config.sample_batch_size, missing - start)
         images = pipe([config.class_prompt] * count, generator=generator, height=config.resolution, width=config.resolution).images
