@@ -29,7 +29,7 @@ import random
 import stat
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .quiet import datasets_quiet
 
 if TYPE_CHECKING:  # `datasets` (pyarrow, pandas) is imported only when a dataset is read
     import datasets as hf_datasets
@@ -328,7 +330,7 @@ def _read_metadata(metadata: Path, cache_dir: str | None) -> hf_datasets.Dataset
     the rows it names and opens no image (images without a row are this module's to caption)."""
     import datasets
 
-    with _datasets_quiet():
+    with datasets_quiet():
         loaded = datasets.load_dataset("imagefolder", data_files={"train": [str(metadata)]}, split="train", cache_dir=cache_dir)
     return loaded.cast_column("image", datasets.Image(decode=False))
 
@@ -513,22 +515,6 @@ def _train_split(loaded: Any, name: str) -> tuple[str, hf_datasets.Dataset]:
     if len(loaded) == 1:
         return next(iter(loaded.items()))
     raise DatasetError(f"dataset {name}: no 'train' split and {len(loaded)} others to choose from: {', '.join(loaded) or 'none'}")
-
-
-@contextmanager
-def _datasets_quiet() -> Iterator[None]:
-    """datasets' progress bars and info logs off while it reads a small local file (restored after)."""
-    import datasets
-
-    bars_were_off, verbosity = datasets.are_progress_bars_disabled(), datasets.logging.get_verbosity()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        datasets.logging.set_verbosity(verbosity)
-        if not bars_were_off:
-            datasets.enable_progress_bars()
 
 
 def _root_message(error: BaseException) -> str:

@@ -114,3 +114,20 @@ def quiet_libraries(progress_bars: bool = False) -> Iterator[None]:
         if not progress_bars:
             stack.enter_context(_library_progress_bars_off())
         yield
+
+
+@contextmanager
+def datasets_quiet() -> Iterator[None]:
+    """datasets' progress bars and info logs off until the block ends (restored after), e.g. while it reads a
+    small local file. Usage: with datasets_quiet(): datasets.load_dataset("imagefolder", ...)"""
+    import datasets
+
+    bars_were_off, verbosity = datasets.are_progress_bars_disabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if not bars_were_off:
+            datasets.enable_progress_bars()

@@ -62,7 +62,7 @@ def train(config: TrainingConfig) -> TrainingResult:
 
     Usage: result = train(TrainingConfig(pretrained_model_name_or_path="model/", train_data_dir="img/", output_dir="out"))
     """
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     # 1. Everything that can fail before a model loads: flags, the model's family, the data, the checkpoint.
     config, family_class = validate_config(config)
@@ -84,16 +84,18 @@ def train(config: TrainingConfig) -> TrainingResult:
     if accelerator.is_main_process:
         remove_stale_temps(output_dir, OUTPUT_FILES)
     trainables = _make_trainables(config, seed, family, components, dataloader, accelerator)
-    named = [(f"{c}::{n}", p) for c, t in trainables.items() for n, p in t.named_parameters()]
     optimizer, decay = make_optimizer(config, trainables, family.denoiser)
-    for trainable in trainables.values():
-        trainable.track(optimizer)  # sparse: W0 + v is rewritten once per optimizer step, not once per forward
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):  # they swap weights / values
+        for trainable in trainables.values():  # behind the optimizer: there every forward writes (trainables/sparse.py)
+            trainable.track(optimizer)  # sparse: W0 + v is rewritten once per optimizer step, not once per forward
     batches_per_process = math.ceil(len(dataloader) / accelerator.num_processes)  # prepare() shards the loader
     max_steps = config.max_train_steps or config.num_train_epochs * math.ceil(batches_per_process / config.gradient_accumulation_steps)
     lr_scheduler = make_lr_scheduler(config, optimizer, max_steps, accelerator.num_processes)
     prepared = accelerator.prepare(*components.values(), optimizer, dataloader, lr_scheduler)
     models, (optimizer, dataloader, lr_scheduler) = list(prepared[: len(components)]), prepared[len(components):]
     family.modules.update(zip(components, models))  # the loss runs through the wrappers (DDP's gradient sync)
+    # after prepare: FSDP2 replaces parameters with DTensors (clipping and checkpoints must see those)
+    named = [(f"{c}::{n}", p) for c, t in trainables.items() for n, p in t.named_parameters()]
     noise_generator = torch.Generator(device=accelerator.device).manual_seed(seed + 1 + 1000 * accelerator.process_index)
     TrainedState(accelerator, named, noise_generator, seed).register()
     updates_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)
